@@ -1,0 +1,468 @@
+//! The relay's configuration: a TOML file, overridden by command-line flags,
+//! over built-in defaults. Every queue, buffer and timeout the relay uses has a
+//! named limit here, so an operator can see and bound all of them in one place.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The full default configuration, as `docrelay print-config` prints it.
+///
+/// A unit test parses this text and checks that it equals `Config::default()`,
+/// so the printed defaults can never drift from the real ones.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# docrelay configuration. Every key is optional; these are the defaults.
+# Flags given to `docrelay serve` override this file.
+
+# Address the relay listens on (HTTP/1.1 and WebSocket on one port).
+listen = "127.0.0.1:9001"
+# CPUs to run on, one pinned executor per CPU: "all", or a list such as [0, 1].
+cores = "all"
+
+[limits]
+# Largest WebSocket message (all fragments together); larger closes with 1009.
+max_message_bytes = 1048576
+# Largest HTTP request head; larger is answered 431.
+max_head_bytes = 8192
+# The request head must arrive within this time, or the connection is closed.
+handshake_timeout_ms = 5000
+# A session must authenticate within this time, or it is closed with 4008.
+auth_timeout_ms = 10000
+# No frame from the client for this long: close 1001 "idle timeout".
+idle_timeout_ms = 60000
+# The relay pings a client that has sent nothing for this long.
+ping_interval_ms = 20000
+# Connections open at once on the whole relay; more are closed with 4029.
+max_connections = 100000
+# Operations and cursor updates per second per connection; 0 = unlimited.
+max_ops_per_sec = 0
+max_cursor_per_sec = 0
+# A client over its rate for this long is closed with 1008.
+rate_limit_grace_ms = 5000
+# Bytes of direct replies queued for one client before the relay stops
+# reading from it; a queue that still grows past twice this closes with 1008.
+max_send_buffer_bytes = 1048576
+# Connections waiting to move to their document's core, per core.
+handoff_queue = 4096
+# Time a connection validator may take to deliver its verdict (then 1011).
+validation_timeout_ms = 5000
+# Verdicts waiting to be collected, per core; a full queue makes publish fail.
+validation_queue = 1024
+# After the relay sends Close, how long it waits for the client's Close.
+close_timeout_ms = 1000
+# On SIGINT/SIGTERM, how long sessions get to finish their close handshake.
+shutdown_grace_ms = 2000
+
+[documents]
+# Operations kept in a document's broadcast ring.
+ring_capacity = 1024
+# Cursor and join/leave updates kept in a document's presence ring.
+presence_ring_capacity = 256
+# Operations kept in memory per document for sync_request.
+history_ops = 10000
+# A document with no sessions frees its memory after this long.
+idle_unload_ms = 30000
+
+[auth]
+# "dev" accepts any non-empty token (never on a public address), or "jwt".
+mode = "dev"
+jwt_secret = ""
+jwt_public_key_file = ""
+
+[validation]
+# Browser origins allowed to connect; empty = any. No Origin header passes.
+allowed_origins = []
+# Connections at once from one IP address; 0 = unlimited.
+max_connections_per_ip = 0
+
+[storage]
+# Directory for durable history; empty = history in memory only.
+dir = ""
+fsync = "batch"
+batch_ms = 2
+
+[testing]
+# A route such as "/ws/echo" that echoes every message, for the Autobahn
+# conformance suite; empty = no such route.
+echo_path = ""
+"#;
+
+/// Which CPUs run relay executors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cores {
+    /// Every CPU this process may run on.
+    All,
+    /// These CPU ids, one executor pinned to each, in this order.
+    List(Vec<usize>),
+}
+
+impl Cores {
+    /// Parses the command-line form: `all`, or ids and ranges like `0,2-3`.
+    pub fn parse(text: &str) -> Result<Cores, ConfigError> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("all") {
+            return Ok(Cores::All);
+        }
+        let bad = || ConfigError::Invalid(format!("cores: `{text}` is not `all` or a CPU list like `0,2-3`"));
+        let mut ids = Vec::new();
+        for part in text.split(',') {
+            let part = part.trim();
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let a: usize = a.trim().parse().map_err(|_| bad())?;
+                    let b: usize = b.trim().parse().map_err(|_| bad())?;
+                    if a > b || b - a > 4096 {
+                        return Err(bad());
+                    }
+                    ids.extend(a..=b);
+                }
+                None => ids.push(part.parse().map_err(|_| bad())?),
+            }
+        }
+        Cores::from_list(ids)
+    }
+
+    fn from_list(ids: Vec<usize>) -> Result<Cores, ConfigError> {
+        if ids.is_empty() {
+            return Err(ConfigError::Invalid("cores: the list is empty".into()));
+        }
+        let mut seen = ids.clone();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid(format!("cores: CPU {} is listed twice", w[0])));
+        }
+        Ok(Cores::List(ids))
+    }
+
+    /// Resolves to concrete CPU ids, checking each against the CPUs this
+    /// process is allowed to run on.
+    pub fn resolve(&self) -> Result<Vec<usize>, ConfigError> {
+        let allowed = allowed_cpus()?;
+        match self {
+            Cores::All => Ok(allowed),
+            Cores::List(ids) => {
+                for id in ids {
+                    if !allowed.contains(id) {
+                        return Err(ConfigError::Invalid(format!(
+                            "cores: CPU {id} does not exist or is not available to this process (available: {})",
+                            format_cpu_list(&allowed)
+                        )));
+                    }
+                }
+                Ok(ids.clone())
+            }
+        }
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask).
+fn allowed_cpus() -> Result<Vec<usize>, ConfigError> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most
+    // size_of::<cpu_set_t>() bytes into the set we own, for this process (pid 0).
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(ConfigError::Invalid(format!(
+                "cannot read the CPU affinity of this process: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET only reads the set, for ids below CPU_SETSIZE.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+    Ok(cpus)
+}
+
+fn format_cpu_list(cpus: &[usize]) -> String {
+    cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
+}
+
+impl<'de> Deserialize<'de> for Cores {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            List(Vec<usize>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => Cores::parse(&t).map_err(serde::de::Error::custom),
+            Raw::List(l) => Cores::from_list(l).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub cores: Cores,
+    pub limits: Limits,
+    pub documents: Documents,
+    pub auth: Auth,
+    pub validation: Validation,
+    pub storage: Storage,
+    pub testing: Testing,
+}
+
+/// Limits on every per-connection and per-core resource.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_head_bytes: usize,
+    pub handshake_timeout_ms: u64,
+    pub auth_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub ping_interval_ms: u64,
+    pub max_connections: usize,
+    pub max_ops_per_sec: u32,
+    pub max_cursor_per_sec: u32,
+    pub rate_limit_grace_ms: u64,
+    pub max_send_buffer_bytes: usize,
+    pub handoff_queue: usize,
+    pub validation_timeout_ms: u64,
+    pub validation_queue: usize,
+    pub close_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+/// Per-document buffers.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Documents {
+    pub ring_capacity: usize,
+    pub presence_ring_capacity: usize,
+    pub history_ops: usize,
+    pub idle_unload_ms: u64,
+}
+
+/// How `authenticate` checks tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Dev,
+    Jwt,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    pub mode: AuthMode,
+    pub jwt_secret: String,
+    pub jwt_public_key_file: String,
+}
+
+/// The built-in connection validators.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Validation {
+    pub allowed_origins: Vec<String>,
+    pub max_connections_per_ip: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    Always,
+    Batch,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    pub dir: String,
+    pub fsync: Fsync,
+    pub batch_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Testing {
+    pub echo_path: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
+            cores: Cores::All,
+            limits: Limits::default(),
+            documents: Documents::default(),
+            auth: Auth::default(),
+            validation: Validation::default(),
+            storage: Storage::default(),
+            testing: Testing::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 1 << 20,
+            max_head_bytes: 8192,
+            handshake_timeout_ms: 5000,
+            auth_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            ping_interval_ms: 20_000,
+            max_connections: 100_000,
+            max_ops_per_sec: 0,
+            max_cursor_per_sec: 0,
+            rate_limit_grace_ms: 5000,
+            max_send_buffer_bytes: 1 << 20,
+            handoff_queue: 4096,
+            validation_timeout_ms: 5000,
+            validation_queue: 1024,
+            close_timeout_ms: 1000,
+            shutdown_grace_ms: 2000,
+        }
+    }
+}
+
+impl Default for Documents {
+    fn default() -> Self {
+        Documents { ring_capacity: 1024, presence_ring_capacity: 256, history_ops: 10_000, idle_unload_ms: 30_000 }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth { mode: AuthMode::Dev, jwt_secret: String::new(), jwt_public_key_file: String::new() }
+    }
+}
+
+impl Default for Validation {
+    fn default() -> Self {
+        Validation { allowed_origins: Vec::new(), max_connections_per_ip: 0 }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { dir: String::new(), fsync: Fsync::Batch, batch_ms: 2 }
+    }
+}
+
+impl Default for Testing {
+    fn default() -> Self {
+        Testing { echo_path: String::new() }
+    }
+}
+
+/// What can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parses TOML text; unknown keys are errors so a typo never goes unnoticed.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks the values against each other and against sane bounds. Called by
+    /// the relay at start, so a bad value is an error message, never a panic.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if l.max_message_bytes == 0 {
+            return invalid("limits.max_message_bytes must be at least 1");
+        }
+        if l.max_head_bytes < 256 || l.max_head_bytes > 1 << 20 {
+            return invalid("limits.max_head_bytes must be between 256 and 1048576");
+        }
+        for (name, v) in [
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.auth_timeout_ms", l.auth_timeout_ms),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.ping_interval_ms", l.ping_interval_ms),
+            ("limits.validation_timeout_ms", l.validation_timeout_ms),
+            ("limits.close_timeout_ms", l.close_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections must be at least 1");
+        }
+        if l.max_send_buffer_bytes < 1024 {
+            return invalid("limits.max_send_buffer_bytes must be at least 1024");
+        }
+        if l.handoff_queue == 0 || l.validation_queue == 0 {
+            return invalid("limits.handoff_queue and limits.validation_queue must be at least 1");
+        }
+        let d = &self.documents;
+        if d.ring_capacity == 0 || d.presence_ring_capacity == 0 {
+            return invalid("documents.ring_capacity and documents.presence_ring_capacity must be at least 1");
+        }
+        if self.auth.mode == AuthMode::Jwt && self.auth.jwt_secret.is_empty() && self.auth.jwt_public_key_file.is_empty() {
+            return invalid("auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file");
+        }
+        let echo = &self.testing.echo_path;
+        if !echo.is_empty() && (!echo.starts_with('/') || echo.starts_with("/ws/documents") || echo == "/healthz" || echo == "/metrics") {
+            return invalid("testing.echo_path must start with '/' and not shadow another route");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_defaults_are_the_real_defaults() {
+        let parsed = Config::from_toml(DEFAULT_CONFIG_TOML, "default").unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn core_lists() {
+        assert_eq!(Cores::parse("all").unwrap(), Cores::All);
+        assert_eq!(Cores::parse("1").unwrap(), Cores::List(vec![1]));
+        assert_eq!(Cores::parse("0,2-3").unwrap(), Cores::List(vec![0, 2, 3]));
+        assert!(Cores::parse("").is_err());
+        assert!(Cores::parse("1,1").is_err());
+        assert!(Cores::parse("3-1").is_err());
+        assert!(Cores::parse("x").is_err());
+        let c: Config = Config::from_toml("cores = [0]", "t").unwrap();
+        assert_eq!(c.cores, Cores::List(vec![0]));
+        assert!(Config::from_toml("cores = []", "t").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(Config::from_toml("lisen = \"127.0.0.1:1\"", "t").is_err());
+        assert!(Config::from_toml("[limits]\nmax_mesage_bytes = 1", "t").is_err());
+    }
+
+    #[test]
+    fn missing_cpu_is_an_error() {
+        let err = Cores::List(vec![100_000]).resolve().unwrap_err();
+        assert!(err.to_string().contains("CPU 100000 does not exist"), "{err}");
+    }
+}

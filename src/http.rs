@@ -1,0 +1,334 @@
+//! HTTP/1.1 request heads (httparse), routing, and every non-WebSocket answer
+//! the relay gives: the 101 upgrade, 4xx errors, `/healthz` and `/metrics`.
+//! Each [`HttpError`] maps to exactly one status line in [`HttpError::response`].
+
+use std::fmt::Write as _;
+
+use crate::registry::{ConnectionManager, Rejection};
+
+/// Header slots for httparse; a head with more headers is answered 431.
+pub const MAX_HEADERS: usize = 64;
+
+/// The route of the documents endpoint.
+pub const DOCUMENTS_PREFIX: &str = "/ws/documents/";
+
+/// A request head that cannot be served; each maps to one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    #[error("400 bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("404 not found")]
+    NotFound,
+    #[error("405 method not allowed")]
+    MethodNotAllowed,
+    #[error("426 upgrade required: {0}")]
+    UpgradeRequired(&'static str),
+    #[error("431 request header fields too large")]
+    HeadTooLarge,
+}
+
+impl HttpError {
+    /// The full response for this error; the connection is closed after it.
+    pub fn response(&self) -> Vec<u8> {
+        match self {
+            HttpError::BadRequest(why) => response("400 Bad Request", "", why),
+            HttpError::NotFound => response("404 Not Found", "", "not found"),
+            HttpError::MethodNotAllowed => response("405 Method Not Allowed", "Allow: GET\r\n", "method not allowed"),
+            HttpError::UpgradeRequired(why) => response(
+                "426 Upgrade Required",
+                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+                why,
+            ),
+            HttpError::HeadTooLarge => {
+                response("431 Request Header Fields Too Large", "", "request head too large")
+            }
+        }
+    }
+
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            HttpError::HeadTooLarge => Rejection::HeadTooLarge,
+            _ => Rejection::BadRequest,
+        }
+    }
+}
+
+/// A response with a plain-text body and `Connection: close`.
+pub fn response(status: &str, extra_headers: &str, body: &str) -> Vec<u8> {
+    response_typed(status, "text/plain; charset=utf-8", extra_headers, body)
+}
+
+fn response_typed(status: &str, content_type: &str, extra_headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The 101 answer to a valid upgrade.
+pub fn switching_protocols(accept: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A parsed request head, borrowing the bytes it was read into.
+#[derive(Debug)]
+pub struct Head<'b, 'h> {
+    pub method: &'b str,
+    /// The request target's path, before any `?`.
+    pub path: &'b str,
+    pub query: Option<&'b str>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: &'h [httparse::Header<'b>],
+    /// Length of the head in bytes; what follows it in the buffer was
+    /// pipelined behind the request (e.g. the first WebSocket frame).
+    pub len: usize,
+}
+
+impl<'b> Head<'b, '_> {
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&'b [u8]> {
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+    }
+}
+
+/// Parses a request head. `Ok(None)`: incomplete, read more.
+pub fn parse_head<'b, 'h>(
+    buf: &'b [u8],
+    headers: &'h mut [httparse::Header<'b>; MAX_HEADERS],
+    max_head: usize,
+) -> Result<Option<Head<'b, 'h>>, HttpError> {
+    let mut req = httparse::Request::new(headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            if len > max_head {
+                return Err(HttpError::HeadTooLarge);
+            }
+            let target = req.path.unwrap_or("");
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (target, None),
+            };
+            Ok(Some(Head {
+                method: req.method.unwrap_or(""),
+                path,
+                query,
+                version: req.version.unwrap_or(0),
+                headers: req.headers,
+                len,
+            }))
+        }
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= max_head {
+                Err(HttpError::HeadTooLarge)
+            } else {
+                Ok(None)
+            }
+        }
+        Err(httparse::Error::TooManyHeaders) => Err(HttpError::HeadTooLarge),
+        Err(_) => Err(HttpError::BadRequest("malformed request head")),
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'b> {
+    /// A valid WebSocket upgrade to a document; `accept` is the
+    /// `Sec-WebSocket-Accept` value to answer with.
+    Document { id: &'b str, accept: String },
+    /// A valid WebSocket upgrade to the echo route (`[testing] echo_path`).
+    Echo { accept: String },
+    Health,
+    Metrics,
+}
+
+/// Decides what to answer, in the order PROTOCOL.md section 1 implies:
+/// unknown path 404, wrong method 405, bad document id 400, no upgrade 426,
+/// bad version 426, bad key or HTTP version 400.
+pub fn route<'b>(head: &Head<'b, '_>, echo_path: &str) -> Result<Route<'b>, HttpError> {
+    enum Target<'b> {
+        Document(&'b str),
+        Echo,
+        Health,
+        Metrics,
+    }
+    let target = if let Some(id) = head.path.strip_prefix(DOCUMENTS_PREFIX) {
+        Target::Document(id)
+    } else if head.path == "/healthz" {
+        Target::Health
+    } else if head.path == "/metrics" {
+        Target::Metrics
+    } else if !echo_path.is_empty() && head.path == echo_path {
+        Target::Echo
+    } else {
+        return Err(HttpError::NotFound);
+    };
+    if head.method != "GET" {
+        return Err(HttpError::MethodNotAllowed);
+    }
+    match target {
+        Target::Health => Ok(Route::Health),
+        Target::Metrics => Ok(Route::Metrics),
+        Target::Echo => Ok(Route::Echo { accept: check_upgrade(head)? }),
+        Target::Document(id) => {
+            if !valid_document_id(id) {
+                return Err(HttpError::BadRequest("document id must be 1 to 128 of [A-Za-z0-9._~:-]"));
+            }
+            Ok(Route::Document { id, accept: check_upgrade(head)? })
+        }
+    }
+}
+
+/// `document_id`: 1 to 128 bytes of `[A-Za-z0-9._~:-]`, taken as is.
+pub fn valid_document_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b':' | b'-'))
+}
+
+fn has_token(value: Option<&[u8]>, token: &str) -> bool {
+    value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Checks an upgrade request (RFC 6455 section 4.2.1) and returns the accept key.
+fn check_upgrade(head: &Head<'_, '_>) -> Result<String, HttpError> {
+    if !has_token(head.header("upgrade"), "websocket") || !has_token(head.header("connection"), "upgrade") {
+        return Err(HttpError::UpgradeRequired("this endpoint speaks WebSocket only"));
+    }
+    if head.header("sec-websocket-version").map(|v| v.trim_ascii()) != Some(b"13".as_slice()) {
+        return Err(HttpError::UpgradeRequired("unsupported WebSocket version (13 only)"));
+    }
+    if head.version != 1 {
+        return Err(HttpError::BadRequest("WebSocket needs HTTP/1.1"));
+    }
+    if head.header("host").is_none() {
+        return Err(HttpError::BadRequest("missing Host header"));
+    }
+    let key = head.header("sec-websocket-key").map(|k| k.trim_ascii()).unwrap_or_default();
+    // The key is 16 random bytes in base64: 24 characters ending in "==".
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    if key.len() != 24 || !key[..22].iter().all(base64) || &key[22..] != b"==" {
+        return Err(HttpError::BadRequest("missing or malformed Sec-WebSocket-Key"));
+    }
+    Ok(tungstenite::handshake::derive_accept_key(key))
+}
+
+/// A query parameter's raw value (not percent-decoded).
+pub fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == name => Some(v),
+        None if kv == name => Some(""),
+        _ => None,
+    })
+}
+
+/// `color` = `#RRGGBB` (the `#` as `%23`) or `RRGGBB`; normalised to `#rrggbb`.
+pub fn parse_color(raw: &str) -> Option<String> {
+    let hex = raw.strip_prefix("%23").or_else(|| raw.strip_prefix('#')).unwrap_or(raw);
+    (hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("#{}", hex.to_ascii_lowercase()))
+}
+
+/// `/healthz`.
+pub fn health() -> Vec<u8> {
+    response("200 OK", "", "ok")
+}
+
+/// `/metrics` in Prometheus text exposition format 0.0.4.
+pub fn metrics(m: &ConnectionManager) -> Vec<u8> {
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    let per_core = |f: &dyn Fn(&crate::registry::CoreStats) -> u64| {
+        m.cores().iter().enumerate().map(|(i, c)| (format!("{{core=\"{i}\"}}"), f(c))).collect::<Vec<_>>()
+    };
+    use std::sync::atomic::Ordering::Relaxed;
+    family("docrelay_connections_active", "gauge", "Connections upgraded and not yet closed.", &one(m.active() as u64));
+    family("docrelay_connections_peak", "gauge", "Most connections open at once since start.", &one(m.peak() as u64));
+    family("docrelay_connections_total", "counter", "Connections upgraded since start.", &one(m.total()));
+    family("docrelay_http_requests_total", "counter", "HTTP request heads parsed.", &one(m.http_requests()));
+    let rejections: Vec<(String, u64)> = [
+        ("bad_request", Rejection::BadRequest),
+        ("head_too_large", Rejection::HeadTooLarge),
+        ("handshake_timeout", Rejection::HandshakeTimeout),
+        ("validation", Rejection::Validation),
+        ("validation_timeout", Rejection::ValidationTimeout),
+    ]
+    .iter()
+    .map(|(label, r)| (format!("{{reason=\"{label}\"}}"), m.rejections(*r)))
+    .collect();
+    family("docrelay_rejected_total", "counter", "Connections refused before CONNECTED, by reason.", &rejections);
+    family("docrelay_sessions", "gauge", "Connected sessions per core.", &per_core(&|c| c.sessions.load(Relaxed) as u64));
+    family("docrelay_handoffs_total", "counter", "Connections adopted from another core.", &per_core(&|c| c.handoffs_in.load(Relaxed)));
+    family("docrelay_messages_in_total", "counter", "WebSocket messages received.", &per_core(&|c| c.messages_in.load(Relaxed)));
+    family("docrelay_messages_out_total", "counter", "Messages queued to clients.", &per_core(&|c| c.messages_out.load(Relaxed)));
+    family("docrelay_frames_out_total", "counter", "WebSocket frames written.", &per_core(&|c| c.frames_out.load(Relaxed)));
+    family("docrelay_write_syscalls_total", "counter", "Socket write system calls.", &per_core(&|c| c.write_syscalls.load(Relaxed)));
+    response_typed("200 OK", "text/plain; version=0.0.4; charset=utf-8", "", &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route_of(raw: &str) -> Result<Route<'_>, HttpError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let head = parse_head(raw.as_bytes(), &mut headers, 8192)?.expect("complete");
+        route(&head, "/echo")
+    }
+
+    const UPGRADE: &str = "Host: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn routes() {
+        let raw = format!("GET /ws/documents/a.b~c:d-e_f HTTP/1.1\r\n{UPGRADE}");
+        let ok = route_of(&raw).unwrap();
+        // RFC 6455's own example key and answer.
+        assert_eq!(ok, Route::Document { id: "a.b~c:d-e_f", accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into() });
+        assert_eq!(route_of("GET /healthz HTTP/1.0\r\n\r\n").unwrap(), Route::Health);
+        assert_eq!(route_of("GET /nope HTTP/1.1\r\n\r\n").unwrap_err(), HttpError::NotFound);
+        assert_eq!(route_of("POST /metrics HTTP/1.1\r\n\r\n").unwrap_err(), HttpError::MethodNotAllowed);
+        assert!(matches!(route_of("GET /ws/documents/d1 HTTP/1.1\r\nHost: x\r\n\r\n"), Err(HttpError::UpgradeRequired(_))));
+        let v12 = format!("GET /ws/documents/d HTTP/1.1\r\n{}", UPGRADE.replace("Version: 13", "Version: 12"));
+        assert!(matches!(route_of(&v12), Err(HttpError::UpgradeRequired(_))));
+        let badkey = format!("GET /ws/documents/d HTTP/1.1\r\n{}", UPGRADE.replace("dGhl", "d#hl"));
+        assert!(matches!(route_of(&badkey), Err(HttpError::BadRequest(_))));
+        assert!(matches!(route_of(&format!("GET /ws/documents/a%20b HTTP/1.1\r\n{UPGRADE}")), Err(HttpError::BadRequest(_))));
+        assert!(matches!(route_of(&format!("GET /ws/documents/ HTTP/1.1\r\n{UPGRADE}")), Err(HttpError::BadRequest(_))));
+        let long = "a".repeat(129);
+        assert!(matches!(route_of(&format!("GET /ws/documents/{long} HTTP/1.1\r\n{UPGRADE}")), Err(HttpError::BadRequest(_))));
+        assert!(matches!(route_of(&format!("GET /echo HTTP/1.1\r\n{UPGRADE}")), Ok(Route::Echo { .. })));
+    }
+
+    #[test]
+    fn head_limits() {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: a", &mut headers, 8192).unwrap().is_none());
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        assert_eq!(parse_head(b"GET /\x01 HTTP/1.1\r\n\r\n", &mut headers, 256).unwrap_err(), HttpError::BadRequest("malformed request head"));
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300));
+        assert_eq!(parse_head(big.as_bytes(), &mut headers, 256).unwrap_err(), HttpError::HeadTooLarge);
+    }
+
+    #[test]
+    fn query_and_color() {
+        let q = Some("token=abc&color=%23FF00aa&flag");
+        assert_eq!(query_param(q, "token"), Some("abc"));
+        assert_eq!(query_param(q, "flag"), Some(""));
+        assert_eq!(query_param(q, "nope"), None);
+        assert_eq!(parse_color("%23FF00aa").as_deref(), Some("#ff00aa"));
+        assert_eq!(parse_color("123abc").as_deref(), Some("#123abc"));
+        assert_eq!(parse_color("#12345").as_deref(), None);
+        assert_eq!(parse_color("zzzzzz"), None);
+    }
+}

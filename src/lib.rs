@@ -1,0 +1,31 @@
+//! docrelay: a WebSocket relay for collaborative documents, thread-per-core on
+//! io_uring (glommio).
+//!
+//! Documents are hashed to pinned cores; each core owns its documents outright,
+//! so fan-out takes no lock. See `README.md` for the architecture and
+//! `docs/protocol.md` for the wire protocol.
+//!
+//! Tests and embedders start a relay with [`start`]:
+//!
+//! ```no_run
+//! let mut config = docrelay::Config::default();
+//! config.listen = "127.0.0.1:0".parse().unwrap();
+//! let relay = docrelay::start(config, Default::default()).unwrap();
+//! println!("relay on {}", relay.local_addr());
+//! relay.shutdown();
+//! relay.join();
+//! ```
+
+pub mod config;
+pub mod http;
+pub mod protocol;
+pub mod registry;
+pub mod runtime;
+pub mod session;
+pub mod validate;
+pub mod ws;
+
+pub use config::{Config, Cores};
+pub use registry::ConnectionManager;
+pub use runtime::{fnv1a_64, owner_core, start, RelayHandle, RelayOptions, StartError};
+pub use session::Phase;

@@ -1,0 +1,96 @@
+//! The `docrelay` command: `serve` and `print-config` (PROTOCOL.md section 10).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use docrelay::{Config, Cores, RelayOptions};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+#[derive(Parser)]
+#[command(name = "docrelay", version, about = "WebSocket relay for collaborative documents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (the default).
+    Serve {
+        /// TOML configuration file; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on, e.g. 127.0.0.1:9001.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// CPUs to run on: `all`, or a list like `0,2-3`.
+        #[arg(long)]
+        cores: Option<String>,
+        /// Allow `dev` authentication on a non-loopback address.
+        #[arg(long)]
+        allow_insecure: bool,
+    },
+    /// Print the full default configuration as commented TOML.
+    PrintConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve { config: None, listen: None, cores: None, allow_insecure: false }) {
+        Command::PrintConfig => {
+            print!("{}", docrelay::config::DEFAULT_CONFIG_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config, listen, cores, allow_insecure } => {
+            init_logging();
+            match serve(config, listen, cores, allow_insecure) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    tracing::error!("{message}");
+                    eprintln!("docrelay: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn serve(
+    file: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    cores: Option<String>,
+    allow_insecure: bool,
+) -> Result<(), String> {
+    let mut config = match &file {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(addr) = listen {
+        config.listen = addr;
+    }
+    if let Some(c) = cores {
+        config.cores = Cores::parse(&c).map_err(|e| e.to_string())?;
+    }
+    // Register for signals before the relay starts, so none is lost.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
+    let relay = docrelay::start(config, RelayOptions { allow_insecure, validator: None }).map_err(|e| e.to_string())?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down: closing sessions with 1001");
+    }
+    relay.shutdown();
+    relay.join();
+    tracing::info!("stopped");
+    Ok(())
+}

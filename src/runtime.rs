@@ -1,0 +1,655 @@
+//! One pinned glommio executor per configured CPU, and the life of a
+//! connection on them: accept, HTTP head, 101, validation, and hand-off to the
+//! core that owns the connection's document.
+//!
+//! Every core listens on the same port (SO_REUSEPORT), so the kernel spreads
+//! new connections. After validation a connection whose document belongs to
+//! another core is sent there as a duplicated file descriptor plus the bytes
+//! already read past the request head, over that core's bounded flume channel.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::timer::sleep;
+use glommio::{LocalExecutorBuilder, Placement};
+use tracing::{debug, info, warn};
+
+use crate::config::{AuthMode, Config};
+use crate::http::{self, HttpError, Route};
+use crate::registry::{ConnectionManager, CoreStats, Rejection};
+use crate::session::{self, Conn, ConnInfo, Mode, Phase};
+use crate::validate::{self, ConnectionValidator, ValidationRequest, Verdict, Verdicts};
+use crate::ws::{close, OutFrame};
+
+/// Locked memory glommio's io_uring rings need, per the measurements in
+/// DEVELOPERS.md; checked at start for a clear error instead of a failure deep
+/// inside the executor.
+pub const MIN_MEMLOCK_BYTES: u64 = 512 * 1024;
+
+/// Registered io_uring buffer memory per executor: the relay does no file DMA.
+const IO_MEMORY: usize = 64 * 1024;
+
+/// Per-core read buffer shared by all sessions of the core.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: address already in use (another process, or one using SO_REUSEPORT, holds it)")]
+    AddressInUse { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "locked memory limit (ulimit -l) is {have_kib} KiB; docrelay needs at least {need_kib} KiB for io_uring. \
+         Raise it with `ulimit -l {need_kib}` (or LimitMEMLOCK= in a systemd unit, --ulimit memlock= in Docker)"
+    )]
+    Memlock { have_kib: u64, need_kib: u64 },
+    #[error(
+        "auth.mode = \"dev\" accepts any token; refusing to listen on non-loopback address {addr}. \
+         Use auth.mode = \"jwt\", a loopback address, or --allow-insecure"
+    )]
+    InsecureDevAuth { addr: SocketAddr },
+    #[error("cannot start the executor for CPU {cpu}: {message}")]
+    Executor { cpu: usize, message: String },
+}
+
+/// How a relay is started, beyond its configuration.
+#[derive(Default, Clone)]
+pub struct RelayOptions {
+    /// Allow `dev` authentication on a non-loopback address.
+    pub allow_insecure: bool,
+    /// An application validator, run after the built-in ones.
+    pub validator: Option<Arc<dyn ConnectionValidator>>,
+}
+
+/// Messages to a core.
+pub(crate) enum CoreMsg {
+    /// A validated connection whose document this core owns.
+    Adopt(Handoff),
+    /// Stop accepting, close every session with 1001, and exit.
+    Shutdown,
+}
+
+/// A connection on its way to its owner core.
+pub(crate) struct Handoff {
+    fd: OwnedFd,
+    info: ConnInfo,
+    /// Bytes already read past the request head.
+    pending: Vec<u8>,
+}
+
+/// The FNV-1a 64-bit hash (PROTOCOL.md section 9 places documents with it).
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The core index (not CPU id) that owns a document.
+pub fn owner_core(document_id: &str, cores: usize) -> usize {
+    (fnv1a_64(document_id.as_bytes()) % cores as u64) as usize
+}
+
+/// A running relay. Dropping it shuts the relay down and waits for it.
+pub struct RelayHandle {
+    addr: SocketAddr,
+    control: Vec<flume::Sender<CoreMsg>>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    registry: Arc<ConnectionManager>,
+    cpus: Vec<usize>,
+}
+
+impl RelayHandle {
+    /// The address the relay accepts on (the real port when 0 was configured).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The connection registry and statistics.
+    pub fn registry(&self) -> &ConnectionManager {
+        &self.registry
+    }
+
+    /// The CPUs the executors are pinned to, in core-index order.
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
+    }
+
+    /// Asks every core to stop accepting and close its sessions with 1001.
+    /// Returns at once; [`RelayHandle::join`] waits for the end.
+    pub fn shutdown(&self) {
+        for tx in &self.control {
+            // Blocking send from a non-executor thread: the cores keep
+            // draining their channels, so this completes.
+            let _ = tx.send(CoreMsg::Shutdown);
+        }
+    }
+
+    /// Waits until every core has exited.
+    pub fn join(mut self) {
+        self.join_threads();
+    }
+
+    fn join_threads(&mut self) {
+        for t in self.threads.drain(..) {
+            if let Err(e) = t.join() {
+                warn!(error = %e, "core exited with an error");
+            }
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shutdown();
+            self.join_threads();
+        }
+    }
+}
+
+/// Entry point: checks the configuration and the host, starts one executor
+/// per core, and returns once every core accepts connections.
+pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, StartError> {
+    config.validate()?;
+    let cpus = config.cores.resolve()?;
+    check_memlock()?;
+    if config.auth.mode == AuthMode::Dev {
+        if !config.listen.ip().is_loopback() && !options.allow_insecure {
+            return Err(StartError::InsecureDevAuth { addr: config.listen });
+        }
+        warn!("auth.mode = \"dev\": any non-empty token is accepted; do not use in production");
+    }
+    let addr = probe_address(config.listen)?;
+
+    let cores = cpus.len();
+    let registry = Arc::new(ConnectionManager::new(cores));
+    let config = Arc::new(config);
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..cores).map(|_| flume::bounded::<CoreMsg>(config.limits.handoff_queue)).unzip();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), std::io::Error>)>();
+
+    let mut threads = Vec::with_capacity(cores);
+    let mut handle_err = None;
+    for (index, (cpu, rx)) in cpus.iter().copied().zip(receivers).enumerate() {
+        let setup = CoreSetup {
+            index,
+            addr,
+            config: config.clone(),
+            registry: registry.clone(),
+            peers: senders.clone(),
+            rx,
+            validator: options.validator.clone(),
+            ready: ready_tx.clone(),
+        };
+        let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("docrelay-core{index}"))
+            .io_memory(IO_MEMORY)
+            .spawn(move || core_main(setup));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                handle_err = Some(StartError::Executor { cpu, message: e.to_string() });
+                break;
+            }
+        }
+    }
+    drop(ready_tx);
+
+    let mut handle = RelayHandle { addr, control: senders, threads, registry, cpus: cpus.clone() };
+    if let Some(e) = handle_err {
+        return Err(e);
+    }
+    // Wait until every core listens (or one fails).
+    let mut ready = 0;
+    while ready < cores {
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((_, Ok(()))) => ready += 1,
+            Ok((index, Err(e))) => {
+                let err = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    StartError::AddressInUse { addr }
+                } else {
+                    StartError::Listen { addr, source: e }
+                };
+                let _ = index;
+                return Err(err);
+            }
+            Err(_) => {
+                // A core thread ended without reporting: the executor failed to start.
+                let message = handle
+                    .threads
+                    .drain(..)
+                    .filter_map(|t| t.join().err().map(|e| e.to_string()))
+                    .next()
+                    .unwrap_or_else(|| "executor did not start".into());
+                let message = if message.contains("Cannot allocate memory") || message.contains("ENOMEM") {
+                    format!("{message} (io_uring needs locked memory: raise `ulimit -l`)")
+                } else {
+                    message
+                };
+                return Err(StartError::Executor { cpu: cpus[ready.min(cpus.len() - 1)], message });
+            }
+        }
+    }
+    info!(cores = cores, cpus = ?cpus, "listening on {addr}");
+    handle.addr = addr;
+    Ok(handle)
+}
+
+/// Refuses to start when io_uring would not get the locked memory it needs.
+fn check_memlock() -> Result<(), StartError> {
+    // SAFETY: getrlimit(2) writes one rlimit struct we own.
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY && (lim.rlim_cur as u64) < MIN_MEMLOCK_BYTES {
+        return Err(StartError::Memlock { have_kib: lim.rlim_cur as u64 / 1024, need_kib: MIN_MEMLOCK_BYTES / 1024 });
+    }
+    Ok(())
+}
+
+/// glommio binds every listener with SO_REUSEPORT, which would silently share
+/// a port with another process doing the same. Bind once without it first: if
+/// anyone holds the address, that fails. Also resolves port 0 to a real port.
+fn probe_address(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => l.local_addr().map_err(|source| StartError::Listen { addr, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartError::AddressInUse { addr }),
+        Err(source) => Err(StartError::Listen { addr, source }),
+    }
+}
+
+struct CoreSetup {
+    index: usize,
+    addr: SocketAddr,
+    config: Arc<Config>,
+    registry: Arc<ConnectionManager>,
+    peers: Vec<flume::Sender<CoreMsg>>,
+    rx: flume::Receiver<CoreMsg>,
+    validator: Option<Arc<dyn ConnectionValidator>>,
+    ready: std::sync::mpsc::Sender<(usize, Result<(), std::io::Error>)>,
+}
+
+/// Everything one core owns. Lives in an `Rc` on that core only.
+pub(crate) struct CoreCtx {
+    pub(crate) index: usize,
+    pub(crate) config: Arc<Config>,
+    pub(crate) registry: Arc<ConnectionManager>,
+    validator: Option<Arc<dyn ConnectionValidator>>,
+    verdicts: Rc<Verdicts>,
+    peers: Vec<flume::Sender<CoreMsg>>,
+    /// Read buffer shared by the core's sessions (only borrowed inside a poll).
+    pub(crate) scratch: RefCell<Vec<u8>>,
+    sessions: RefCell<HashMap<u64, Rc<Conn>>>,
+    pub(crate) shutting_down: Cell<bool>,
+    ticker_waker: Cell<Option<Waker>>,
+}
+
+impl CoreCtx {
+    pub(crate) fn stats(&self) -> &CoreStats {
+        self.registry.core(self.index)
+    }
+
+    fn cores(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// DISCONNECTED bookkeeping for a session that ends.
+    pub(crate) fn end_session(&self, conn: &Conn) {
+        self.sessions.borrow_mut().remove(&conn.info.id);
+        self.registry.unregister(conn.info.key);
+        if conn.info.ip_counted {
+            self.registry.remove_ip(conn.info.peer.ip());
+        }
+    }
+
+    /// Starts a session for a validated connection on this core.
+    fn adopt(self: &Rc<Self>, stream: TcpStream, info: ConnInfo, pending: Vec<u8>) {
+        self.registry.set_core(info.key, self.index);
+        let conn = Rc::new(Conn::new(info, stream, self.config.limits.max_message_bytes));
+        self.sessions.borrow_mut().insert(conn.info.id, conn.clone());
+        if let Some(w) = self.ticker_waker.take() {
+            w.wake();
+        }
+        glommio::spawn_local(session::run(self.clone(), conn, pending)).detach();
+    }
+}
+
+async fn core_main(setup: CoreSetup) {
+    let listener = match TcpListener::bind(setup.addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let err = match e {
+                glommio::GlommioError::IoError(io) => io,
+                other => std::io::Error::other(other.to_string()),
+            };
+            let _ = setup.ready.send((setup.index, Err(err)));
+            return;
+        }
+    };
+    let ctx = Rc::new(CoreCtx {
+        index: setup.index,
+        verdicts: Rc::new(Verdicts::new(setup.config.limits.validation_queue)),
+        config: setup.config,
+        registry: setup.registry,
+        validator: setup.validator,
+        peers: setup.peers,
+        scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
+        sessions: RefCell::new(HashMap::new()),
+        shutting_down: Cell::new(false),
+        ticker_waker: Cell::new(None),
+    });
+    glommio::spawn_local(ctx.verdicts.clone().run()).detach();
+    glommio::spawn_local(ticker(ctx.clone())).detach();
+    let acceptor = glommio::spawn_local(accept_loop(ctx.clone(), listener)).detach();
+    let _ = setup.ready.send((setup.index, Ok(())));
+
+    while let Ok(msg) = setup.rx.recv_async().await {
+        match msg {
+            CoreMsg::Adopt(h) => {
+                ctx.stats().handoffs_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // SAFETY: the fd was duplicated for this hand-off and its
+                // ownership moved here with the message; nothing else uses it.
+                let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+                ctx.adopt(stream, h.info, h.pending);
+            }
+            CoreMsg::Shutdown => break,
+        }
+    }
+
+    // Shutdown: stop accepting, close every session with 1001, wait for them.
+    ctx.shutting_down.set(true);
+    acceptor.cancel();
+    let sessions: Vec<Rc<Conn>> = ctx.sessions.borrow().values().cloned().collect();
+    for conn in sessions {
+        conn.begin_close(&ctx, close::GOING_AWAY, "relay shutting down");
+    }
+    let deadline = Instant::now() + Config::ms(ctx.config.limits.shutdown_grace_ms);
+    while !ctx.sessions.borrow().is_empty() && Instant::now() < deadline {
+        // Connections handed to us meanwhile are closed the same way.
+        while let Ok(CoreMsg::Adopt(h)) = setup.rx.try_recv() {
+            // SAFETY: as above, the hand-off owns this fd.
+            let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+            ctx.adopt(stream, h.info, h.pending);
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    let left: Vec<Rc<Conn>> = ctx.sessions.borrow().values().cloned().collect();
+    for conn in left {
+        conn.abort();
+    }
+    debug!(core = ctx.index, "core stopped");
+}
+
+async fn accept_loop(ctx: Rc<CoreCtx>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(handshake(ctx.clone(), stream)).detach();
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                warn!(error = %e, core = ctx.index, "accept failed");
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Timeouts, checked a few times a second by one task per core instead of a
+/// timer per connection: the close handshake deadline, idle clients, pings.
+/// Sleeps entirely while the core has no sessions, so an idle relay uses no CPU.
+async fn ticker(ctx: Rc<CoreCtx>) {
+    let limits = &ctx.config.limits;
+    let close_timeout = Config::ms(limits.close_timeout_ms);
+    let idle = Config::ms(limits.idle_timeout_ms);
+    let ping = Config::ms(limits.ping_interval_ms);
+    let period = close_timeout.min(idle).min(ping).div_f32(4.0).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    loop {
+        poll_fn(|cx| {
+            if ctx.sessions.borrow().is_empty() {
+                ctx.ticker_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        sleep(period).await;
+        let now = Instant::now();
+        let sessions: Vec<Rc<Conn>> = ctx.sessions.borrow().values().cloned().collect();
+        for conn in sessions {
+            match conn.lifecycle.get() {
+                Phase::Closing => {
+                    if conn.closing_since.get().is_some_and(|t| now - t >= close_timeout) {
+                        conn.abort();
+                    }
+                }
+                Phase::Connected => {
+                    let quiet = now - conn.last_rx.get();
+                    if quiet >= idle {
+                        conn.begin_close(&ctx, close::GOING_AWAY, "idle timeout");
+                    } else if quiet >= ping && now - conn.last_ping.get() >= ping {
+                        conn.last_ping.set(now);
+                        conn.send(&ctx, Rc::new(OutFrame::new(crate::ws::Kind::Ping, b"")));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What a handshake produced.
+enum HeadRead {
+    Complete,
+    Closed,
+    Invalid(HttpError),
+}
+
+/// Reads until the request head is complete, too large, or malformed.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, max_head: usize) -> HeadRead {
+    // Room for the head plus a first frame pipelined behind it.
+    let cap = max_head + 1024;
+    buf.resize(cap, 0);
+    let mut filled = 0;
+    loop {
+        let n = match stream.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return HeadRead::Closed,
+            Ok(n) => n,
+        };
+        filled += n;
+        let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
+        match http::parse_head(&buf[..filled], &mut headers, max_head) {
+            Ok(Some(_)) => {
+                buf.truncate(filled);
+                return HeadRead::Complete;
+            }
+            Ok(None) if filled < cap => continue,
+            Ok(None) => return HeadRead::Invalid(HttpError::HeadTooLarge),
+            Err(e) => return HeadRead::Invalid(e),
+        }
+    }
+}
+
+/// Writes a last answer, then half-closes and drains what the peer still
+/// sends (bounded), so the kernel does not reset the connection while our
+/// answer is in flight.
+async fn answer_and_close(ctx: &CoreCtx, mut stream: TcpStream, answer: &[u8]) {
+    if stream.write_all(answer).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let drain = async {
+        let mut sink = [0u8; 1024];
+        let mut budget = 64 * 1024;
+        while let Ok(n @ 1..) = stream.read(&mut sink).await {
+            budget -= n.min(budget);
+            if budget == 0 {
+                break;
+            }
+        }
+    };
+    drain.or(sleep(Config::ms(ctx.config.limits.close_timeout_ms))).await;
+}
+
+/// UPGRADING and VALIDATING for one accepted connection, then its hand-off.
+async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
+    let limits = &ctx.config.limits;
+    let Ok(peer) = stream.peer_addr() else { return };
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    let timeout = async {
+        sleep(Config::ms(limits.handshake_timeout_ms)).await;
+        None
+    };
+    let read = async { Some(read_head(&mut stream, &mut buf, limits.max_head_bytes).await) }.or(timeout).await;
+    match read {
+        None => {
+            ctx.registry.count_rejection(Rejection::HandshakeTimeout);
+            return; // closed, nothing else
+        }
+        Some(HeadRead::Closed) => return,
+        Some(HeadRead::Invalid(e)) => {
+            ctx.registry.count_rejection(e.rejection());
+            answer_and_close(&ctx, stream, &e.response()).await;
+            return;
+        }
+        Some(HeadRead::Complete) => {}
+    }
+    ctx.registry.count_http_request();
+    let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
+    let head = match http::parse_head(&buf, &mut headers, limits.max_head_bytes) {
+        Ok(Some(h)) => h,
+        _ => return, // parsed complete a moment ago
+    };
+    let route = match http::route(&head, &ctx.config.testing.echo_path) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.registry.count_rejection(e.rejection());
+            answer_and_close(&ctx, stream, &e.response()).await;
+            return;
+        }
+    };
+    let (document, accept, mode) = match route {
+        Route::Health => return answer_and_close(&ctx, stream, &http::health()).await,
+        Route::Metrics => return answer_and_close(&ctx, stream, &http::metrics(&ctx.registry)).await,
+        Route::Document { id, accept } => (id, accept, Mode::Document),
+        Route::Echo { accept } => (head.path, accept, Mode::Echo),
+    };
+    if stream.write_all(&http::switching_protocols(&accept)).await.is_err() {
+        return;
+    }
+    // UPGRADING is done: register (VALIDATING) so the peak counts it.
+    let Some((key, id)) = ctx.registry.register(peer, document, ctx.index) else {
+        return;
+    };
+    let color = http::query_param(head.query, "color").and_then(http::parse_color);
+    let request = ValidationRequest { headers: head.headers, path: head.path, query: head.query, peer, document_id: document };
+    let mut info = ConnInfo { id, key, peer, document: document.into(), mode, color, ip_counted: false };
+    let pending = buf[head.len..].to_vec();
+    let outcome = match mode {
+        Mode::Echo => Ok(()),
+        Mode::Document => validate_connection(&ctx, &request, &mut info).await,
+    };
+    drop(buf);
+    if let Err((code, reason, why)) = outcome {
+        ctx.registry.count_rejection(why);
+        ctx.registry.set_phase(key, Phase::Disconnected);
+        debug!(id, code, reason = %reason, "validation failed");
+        answer_and_close(&ctx, stream, OutFrame::close(code, &reason).bytes()).await;
+        ctx.registry.unregister(key);
+        if info.ip_counted {
+            ctx.registry.remove_ip(peer.ip());
+        }
+        return;
+    }
+    let owner = match mode {
+        Mode::Echo => ctx.index,
+        Mode::Document => owner_core(&info.document, ctx.cores()),
+    };
+    if owner == ctx.index {
+        ctx.adopt(stream, info, pending);
+        return;
+    }
+    // Move to the owner core: a duplicate of the fd travels; our copy closes.
+    // SAFETY: dup(2) of the socket fd we own; the new fd is owned by OwnedFd.
+    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+    if dup < 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot hand off connection");
+        end_unadopted(&ctx, &info);
+        return;
+    }
+    // SAFETY: `dup` is a fresh, valid fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    drop(stream);
+    let msg = CoreMsg::Adopt(Handoff { fd, info: info.clone(), pending });
+    if ctx.peers[owner].send_async(msg).await.is_err() {
+        // The owner core has stopped (shutdown): the connection just closes.
+        end_unadopted(&ctx, &info);
+    }
+}
+
+fn end_unadopted(ctx: &CoreCtx, info: &ConnInfo) {
+    ctx.registry.unregister(info.key);
+    if info.ip_counted {
+        ctx.registry.remove_ip(info.peer.ip());
+    }
+}
+
+/// VALIDATING: the built-in validators, then the application's, whose verdict
+/// is awaited without blocking the core. Err carries the close code, reason
+/// and the statistic to count.
+async fn validate_connection(
+    ctx: &CoreCtx,
+    request: &ValidationRequest<'_>,
+    info: &mut ConnInfo,
+) -> Result<(), (u16, String, Rejection)> {
+    match validate::builtin(&ctx.config, &ctx.registry, request) {
+        Ok(counted) => info.ip_counted = counted,
+        Err(r) => return Err((r.code, r.reason.to_string(), Rejection::Validation)),
+    }
+    let Some(validator) = ctx.validator.clone() else {
+        return Ok(());
+    };
+    let verdict = ctx.verdicts.start(validator.as_ref(), request);
+    let ticket = verdict.ticket;
+    let timeout = async {
+        sleep(Config::ms(ctx.config.limits.validation_timeout_ms)).await;
+        None
+    };
+    match async { Some(verdict.await) }.or(timeout).await {
+        Some(Verdict::Accept) => Ok(()),
+        Some(Verdict::Reject { code, reason }) => Err((code, reason, Rejection::Validation)),
+        Some(Verdict::Pending) => Err((4000, "validation failed".into(), Rejection::Validation)),
+        None => {
+            ctx.verdicts.cancel(ticket);
+            Err((close::INTERNAL, "validation timed out".into(), Rejection::ValidationTimeout))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_reference_values() {
+        assert_eq!(fnv1a_64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a_64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a_64(b"foobar"), 0x85944171f73967e8);
+    }
+}

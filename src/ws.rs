@@ -1,0 +1,501 @@
+//! WebSocket framing (RFC 6455) on top of tungstenite's frame header codec.
+//!
+//! Reading is incremental and copy-free in the common case: bytes arrive in a
+//! per-core scratch buffer, whole frames are unmasked in place and handed to the
+//! session as borrowed slices, and only the tail of a frame that is not complete
+//! yet is copied into the connection's own buffer. Message size is enforced from
+//! the frame header, before any payload is buffered.
+//!
+//! Writing: a frame is encoded once into an [`OutFrame`] (header and payload in
+//! one allocation) and shared by `Rc`, so one broadcast is one allocation no
+//! matter how many sessions write it.
+
+use std::io::Cursor;
+use std::rc::Rc;
+
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Close codes the relay sends (PROTOCOL.md section 8).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// A protocol violation by the peer: the connection is failed with this close code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason} (close {code})")]
+pub struct WsError {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl WsError {
+    const fn new(code: u16, reason: &'static str) -> WsError {
+        WsError { code, reason }
+    }
+}
+
+/// Something complete that arrived from the peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A whole data message; Text messages are already checked to be UTF-8.
+    Message { binary: bool, data: &'a [u8] },
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
+    /// The peer's Close, already validated: code (if any) and UTF-8 reason.
+    Close(Option<(u16, &'a str)>),
+}
+
+/// What the session wants after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop parsing; the rest of the input is discarded (after Close).
+    Stop,
+}
+
+/// Incremental reader for the frames of one connection.
+#[derive(Debug)]
+pub struct FrameReader {
+    max_message: usize,
+    /// Bytes of a frame that was not complete when the last read ended.
+    partial: Vec<u8>,
+    /// Unmasked payload of a fragmented message so far.
+    message: Vec<u8>,
+    /// Kind of the fragmented message in progress, if any.
+    in_message: Option<Data>,
+    /// How much of `message` is known to be valid UTF-8 (Text only).
+    utf8_valid: usize,
+}
+
+impl FrameReader {
+    pub fn new(max_message: usize) -> FrameReader {
+        FrameReader { max_message, partial: Vec::new(), message: Vec::new(), in_message: None, utf8_valid: 0 }
+    }
+
+    /// Bytes held between reads (memory this connection costs beyond its socket).
+    pub fn buffered(&self) -> usize {
+        self.partial.capacity() + self.message.capacity()
+    }
+
+    /// Feeds bytes just read from the socket. `input` may be modified (frames
+    /// are unmasked in place). Calls `on_event` for each complete event.
+    pub fn feed(
+        &mut self,
+        input: &mut [u8],
+        mut on_event: impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<Flow, WsError> {
+        if self.partial.is_empty() {
+            let used = self.parse(input, &mut on_event)?;
+            if let Some(used) = used {
+                if used < input.len() {
+                    self.partial.extend_from_slice(&input[used..]);
+                }
+                return Ok(Flow::Continue);
+            }
+            return Ok(Flow::Stop);
+        }
+        // A frame was split across reads: continue it in our own buffer.
+        let mut buf = std::mem::take(&mut self.partial);
+        buf.extend_from_slice(input);
+        let result = self.parse(&mut buf, &mut on_event);
+        match result {
+            Ok(Some(used)) => {
+                buf.drain(..used);
+                if buf.is_empty() {
+                    // Give memory back once idle: a big frame must not pin its buffer.
+                    buf = Vec::new();
+                }
+                self.partial = buf;
+                Ok(Flow::Continue)
+            }
+            Ok(None) => Ok(Flow::Stop),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Parses whole frames from `buf`. Returns how many bytes were consumed
+    /// (the rest is an incomplete frame), or None when the session said Stop.
+    fn parse(
+        &mut self,
+        buf: &mut [u8],
+        on_event: &mut impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<Option<usize>, WsError> {
+        let mut pos = 0;
+        loop {
+            let mut cursor = Cursor::new(&buf[pos..]);
+            let (header, len) = match FrameHeader::parse(&mut cursor) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(Some(pos)),
+                Err(_) => return Err(WsError::new(close::PROTOCOL, "reserved opcode")),
+            };
+            let header_len = cursor.position() as usize;
+            self.check_header(&header, len)?;
+            let len = len as usize; // bounded by max_message in check_header
+            if buf.len() - pos - header_len < len {
+                // Incomplete; the size was already checked, so buffering is bounded.
+                return Ok(Some(pos));
+            }
+            let start = pos + header_len;
+            let payload = &mut buf[start..start + len];
+            if let Some(mask) = header.mask {
+                apply_mask(payload, mask);
+            }
+            pos = start + len;
+            if self.frame(&header, payload, on_event)? == Flow::Stop {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn check_header(&self, h: &FrameHeader, len: u64) -> Result<(), WsError> {
+        if h.rsv1 || h.rsv2 || h.rsv3 {
+            return Err(WsError::new(close::PROTOCOL, "reserved bits set"));
+        }
+        if h.mask.is_none() {
+            return Err(WsError::new(close::PROTOCOL, "client frame not masked"));
+        }
+        match h.opcode {
+            OpCode::Control(_) => {
+                if !h.is_final {
+                    return Err(WsError::new(close::PROTOCOL, "fragmented control frame"));
+                }
+                if len > 125 {
+                    return Err(WsError::new(close::PROTOCOL, "control frame too long"));
+                }
+            }
+            OpCode::Data(d) => {
+                match (d, self.in_message) {
+                    (Data::Continue, None) => {
+                        return Err(WsError::new(close::PROTOCOL, "continuation without a message"))
+                    }
+                    (Data::Text | Data::Binary, Some(_)) => {
+                        return Err(WsError::new(close::PROTOCOL, "new message inside a fragmented one"))
+                    }
+                    _ => {}
+                }
+                let so_far = if d == Data::Continue { self.message.len() as u64 } else { 0 };
+                if so_far.saturating_add(len) > self.max_message as u64 {
+                    return Err(WsError::new(close::TOO_BIG, "message too big"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn frame(
+        &mut self,
+        h: &FrameHeader,
+        payload: &[u8],
+        on_event: &mut impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<Flow, WsError> {
+        match h.opcode {
+            OpCode::Control(Control::Ping) => Ok(on_event(Event::Ping(payload))),
+            OpCode::Control(Control::Pong) => Ok(on_event(Event::Pong(payload))),
+            OpCode::Control(Control::Close) => {
+                let close = parse_close(payload)?;
+                on_event(Event::Close(close));
+                Ok(Flow::Stop)
+            }
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                Err(WsError::new(close::PROTOCOL, "reserved opcode"))
+            }
+            OpCode::Data(Data::Text | Data::Binary) if h.is_final => {
+                let binary = h.opcode == OpCode::Data(Data::Binary);
+                if !binary && std::str::from_utf8(payload).is_err() {
+                    return Err(WsError::new(close::INVALID_DATA, "invalid UTF-8 in text message"));
+                }
+                Ok(on_event(Event::Message { binary, data: payload }))
+            }
+            OpCode::Data(d) => {
+                if let Data::Text | Data::Binary = d {
+                    self.in_message = Some(d);
+                    self.utf8_valid = 0;
+                    self.message.clear();
+                }
+                self.message.extend_from_slice(payload);
+                let text = self.in_message == Some(Data::Text);
+                if text {
+                    // Fail fast: check what arrived so far, allowing a code point
+                    // cut at the end of a fragment.
+                    match std::str::from_utf8(&self.message[self.utf8_valid..]) {
+                        Ok(_) => self.utf8_valid = self.message.len(),
+                        Err(e) => {
+                            let cut_at_end = e.error_len().is_none();
+                            if !cut_at_end || h.is_final {
+                                return Err(WsError::new(close::INVALID_DATA, "invalid UTF-8 in text message"));
+                            }
+                            self.utf8_valid += e.valid_up_to();
+                        }
+                    }
+                }
+                if !h.is_final {
+                    return Ok(Flow::Continue);
+                }
+                self.in_message = None;
+                let message = std::mem::take(&mut self.message);
+                let flow = on_event(Event::Message { binary: !text, data: &message });
+                // Keep a modest buffer for the next fragmented message; free big ones.
+                if message.capacity() <= 4096 {
+                    self.message = message;
+                    self.message.clear();
+                }
+                Ok(flow)
+            }
+        }
+    }
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<(u16, &str)>, WsError> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(WsError::new(close::PROTOCOL, "close payload of one byte")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            // RFC 6455 7.4: the defined codes a peer may send, and the
+            // registered (3000-3999) and private (4000-4999) ranges.
+            let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if !allowed {
+                return Err(WsError::new(close::PROTOCOL, "invalid close code"));
+            }
+            let reason = std::str::from_utf8(&payload[2..])
+                .map_err(|_| WsError::new(close::INVALID_DATA, "invalid UTF-8 in close reason"))?;
+            Ok(Some((code, reason)))
+        }
+    }
+}
+
+/// XORs `buf` with the 4-byte client mask (RFC 6455 section 5.3), eight bytes
+/// at a time. tungstenite's own `apply_mask` is private.
+pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
+    }
+    // The remainder starts at a multiple of 8, so the mask phase is 0 again.
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// Room reserved in front of a payload for the longest server frame header.
+const HEADROOM: usize = 10;
+
+/// One encoded server frame (header and payload in one buffer), immutable
+/// once built, shared by every session that writes it.
+#[derive(Debug)]
+pub struct OutFrame {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// A frame shared between the sessions of one core.
+pub type SharedFrame = Rc<OutFrame>;
+
+/// Server frame kinds the relay sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Binary,
+    Ping,
+    Pong,
+    Close,
+}
+
+impl Kind {
+    fn opcode(self) -> OpCode {
+        match self {
+            Kind::Text => OpCode::Data(Data::Text),
+            Kind::Binary => OpCode::Data(Data::Binary),
+            Kind::Ping => OpCode::Control(Control::Ping),
+            Kind::Pong => OpCode::Control(Control::Pong),
+            Kind::Close => OpCode::Control(Control::Close),
+        }
+    }
+}
+
+impl OutFrame {
+    /// A payload buffer with room for the header in front: write the payload
+    /// after the returned vector's current end, then call [`OutFrame::finish`].
+    pub fn payload_buffer(capacity: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(HEADROOM + capacity);
+        v.resize(HEADROOM, 0);
+        v
+    }
+
+    /// Turns a buffer from [`OutFrame::payload_buffer`] into a frame without
+    /// copying the payload: the header is written into the headroom.
+    pub fn finish(kind: Kind, mut buf: Vec<u8>) -> OutFrame {
+        debug_assert!(buf.len() >= HEADROOM);
+        let len = (buf.len() - HEADROOM) as u64;
+        let header = FrameHeader { opcode: kind.opcode(), ..FrameHeader::default() };
+        let mut head = [0u8; HEADROOM];
+        let mut w = Cursor::new(&mut head[..]);
+        header.format(len, &mut w).expect("a server frame header fits in 10 bytes");
+        let hlen = w.position() as usize;
+        let start = HEADROOM - hlen;
+        buf[start..HEADROOM].copy_from_slice(&head[..hlen]);
+        OutFrame { buf, start }
+    }
+
+    /// A frame holding a copy of `payload`.
+    pub fn new(kind: Kind, payload: &[u8]) -> OutFrame {
+        let mut buf = OutFrame::payload_buffer(payload.len());
+        buf.extend_from_slice(payload);
+        OutFrame::finish(kind, buf)
+    }
+
+    /// A Close frame with a code and a reason (cut to fit 125 bytes on a
+    /// character boundary).
+    pub fn close(code: u16, reason: &str) -> OutFrame {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut buf = OutFrame::payload_buffer(2 + end);
+        buf.extend_from_slice(&code.to_be_bytes());
+        buf.extend_from_slice(&reason.as_bytes()[..end]);
+        OutFrame::finish(Kind::Close, buf)
+    }
+
+    /// The bytes to put on the wire.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![opcode | if fin { 0x80 } else { 0 }];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n < 65536 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn collect(r: &mut FrameReader, chunks: &[&[u8]]) -> Result<Vec<String>, WsError> {
+        let mut seen = Vec::new();
+        for c in chunks {
+            let mut c = c.to_vec();
+            r.feed(&mut c, |e| {
+                seen.push(match e {
+                    Event::Message { binary, data } => format!("{}:{}", if binary { "bin" } else { "text" }, String::from_utf8_lossy(data)),
+                    Event::Ping(p) => format!("ping:{}", String::from_utf8_lossy(p)),
+                    Event::Pong(p) => format!("pong:{}", String::from_utf8_lossy(p)),
+                    Event::Close(c) => format!("close:{c:?}"),
+                });
+                Flow::Continue
+            })?;
+        }
+        Ok(seen)
+    }
+
+    #[test]
+    fn byte_by_byte_with_interleaved_ping() {
+        let mut wire = masked(0x1, false, b"hel");
+        wire.extend(masked(0x9, true, b"p"));
+        wire.extend(masked(0x0, true, "lo \u{e9}".as_bytes()));
+        let chunks: Vec<&[u8]> = wire.chunks(1).collect();
+        let mut r = FrameReader::new(1024);
+        assert_eq!(collect(&mut r, &chunks).unwrap(), vec!["ping:p", "text:hello \u{e9}"]);
+        assert_eq!(r.partial.capacity(), 0);
+    }
+
+    #[test]
+    fn size_is_checked_from_the_header() {
+        let mut r = FrameReader::new(10);
+        // Only the header of an 11-byte frame: rejected before any payload arrives.
+        let wire = masked(0x2, true, &[0; 11]);
+        assert_eq!(collect(&mut r, &[&wire[..6]]).unwrap_err().code, close::TOO_BIG);
+        let mut r = FrameReader::new(10);
+        let mut wire = masked(0x2, false, &[0; 6]);
+        wire.extend(masked(0x0, true, &[0; 5]));
+        assert_eq!(collect(&mut r, &[&wire]).unwrap_err().code, close::TOO_BIG);
+    }
+
+    #[test]
+    fn utf8_fails_fast_but_allows_split_code_points() {
+        let e = "\u{e9}".as_bytes();
+        let mut wire = masked(0x1, false, &e[..1]);
+        wire.extend(masked(0x0, true, &e[1..]));
+        assert_eq!(collect(&mut FrameReader::new(100), &[&wire]).unwrap(), vec!["text:\u{e9}"]);
+        let wire = masked(0x1, false, &[b'a', 0xff]);
+        assert_eq!(collect(&mut FrameReader::new(100), &[&wire]).unwrap_err().code, close::INVALID_DATA);
+        let wire = masked(0x1, true, &[0xc3]);
+        assert_eq!(collect(&mut FrameReader::new(100), &[&wire]).unwrap_err().code, close::INVALID_DATA);
+    }
+
+    #[test]
+    fn protocol_errors() {
+        let unmasked = [0x81u8, 0x01, b'a'];
+        assert_eq!(collect(&mut FrameReader::new(100), &[&unmasked]).unwrap_err().code, close::PROTOCOL);
+        let cont = masked(0x0, true, b"x");
+        assert_eq!(collect(&mut FrameReader::new(100), &[&cont]).unwrap_err().code, close::PROTOCOL);
+        let rsv = {
+            let mut w = masked(0x1, true, b"x");
+            w[0] |= 0x40;
+            w
+        };
+        assert_eq!(collect(&mut FrameReader::new(100), &[&rsv]).unwrap_err().code, close::PROTOCOL);
+        let big_ping = masked(0x9, true, &[0; 126]);
+        assert_eq!(collect(&mut FrameReader::new(1000), &[&big_ping]).unwrap_err().code, close::PROTOCOL);
+        let op = masked(0x3, true, b"");
+        assert_eq!(collect(&mut FrameReader::new(100), &[&op]).unwrap_err().code, close::PROTOCOL);
+        let bad_close = masked(0x8, true, &999u16.to_be_bytes());
+        assert_eq!(collect(&mut FrameReader::new(100), &[&bad_close]).unwrap_err().code, close::PROTOCOL);
+    }
+
+    #[test]
+    fn close_is_parsed() {
+        let mut p = 1000u16.to_be_bytes().to_vec();
+        p.extend_from_slice(b"bye");
+        let wire = masked(0x8, true, &p);
+        assert_eq!(collect(&mut FrameReader::new(100), &[&wire]).unwrap(), vec!["close:Some((1000, \"bye\"))"]);
+    }
+
+    #[test]
+    fn mask_matches_bytewise() {
+        let mask = [1, 2, 3, 4];
+        for n in 0..40 {
+            let mut a: Vec<u8> = (0..n as u8).collect();
+            let b: Vec<u8> = a.iter().enumerate().map(|(i, x)| x ^ mask[i % 4]).collect();
+            apply_mask(&mut a, mask);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn encoded_frames() {
+        assert_eq!(OutFrame::new(Kind::Text, b"hi").bytes(), &[0x81, 2, b'h', b'i']);
+        let big = OutFrame::new(Kind::Binary, &[7; 300]);
+        assert_eq!(&big.bytes()[..4], &[0x82, 126, 1, 44]);
+        assert_eq!(big.bytes().len(), 304);
+        let c = OutFrame::close(1001, "bye");
+        assert_eq!(c.bytes(), &[0x88, 5, 0x03, 0xe9, b'b', b'y', b'e']);
+        let long = "\u{e9}".repeat(100);
+        assert!(OutFrame::close(1000, &long).bytes().len() <= 127);
+    }
+}
