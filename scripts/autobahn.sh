@@ -2,7 +2,8 @@
 # Runs the Autobahn|Testsuite (wstest 0.8.2 fuzzingclient, the standard RFC 6455
 # conformance suite) against docrelay's testing echo route and prints a summary.
 #
-#   scripts/autobahn.sh
+#   scripts/autobahn.sh                 install if needed, build, run, summarise
+#   scripts/autobahn.sh --install-only  only make sure wstest is installed
 #
 # What it does:
 #   1. installs wstest once, if missing, into $AUTOBAHN_HOME (see below);
@@ -183,6 +184,10 @@ else
     if [ ! -x "$WSTEST" ] || [ ! -f "$AUTOBAHN_HOME/root/usr/local/bin/wstest" ]; then
         install_wstest "$AUTOBAHN_HOME"
     fi
+fi
+if [ "${1:-}" = "--install-only" ]; then
+    log "wstest ready: $WSTEST"
+    exit 0
 fi
 
 # ---------------------------------------------------------------------------------------

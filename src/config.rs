@@ -257,7 +257,7 @@ pub struct Auth {
 }
 
 /// The built-in connection validators.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Validation {
     pub allowed_origins: Vec<String>,
@@ -280,7 +280,7 @@ pub struct Storage {
     pub batch_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Testing {
     pub echo_path: String,
@@ -336,21 +336,9 @@ impl Default for Auth {
     }
 }
 
-impl Default for Validation {
-    fn default() -> Self {
-        Validation { allowed_origins: Vec::new(), max_connections_per_ip: 0 }
-    }
-}
-
 impl Default for Storage {
     fn default() -> Self {
         Storage { dir: String::new(), fsync: Fsync::Batch, batch_ms: 2 }
-    }
-}
-
-impl Default for Testing {
-    fn default() -> Self {
-        Testing { echo_path: String::new() }
     }
 }
 
@@ -414,11 +402,16 @@ impl Config {
         if d.ring_capacity == 0 || d.presence_ring_capacity == 0 {
             return invalid("documents.ring_capacity and documents.presence_ring_capacity must be at least 1");
         }
-        if self.auth.mode == AuthMode::Jwt && self.auth.jwt_secret.is_empty() && self.auth.jwt_public_key_file.is_empty() {
+        if self.auth.mode == AuthMode::Jwt
+            && self.auth.jwt_secret.is_empty()
+            && self.auth.jwt_public_key_file.is_empty()
+        {
             return invalid("auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file");
         }
         let echo = &self.testing.echo_path;
-        if !echo.is_empty() && (!echo.starts_with('/') || echo.starts_with("/ws/documents") || echo == "/healthz" || echo == "/metrics") {
+        if !echo.is_empty()
+            && (!echo.starts_with('/') || echo.starts_with("/ws/documents") || echo == "/healthz" || echo == "/metrics")
+        {
             return invalid("testing.echo_path must start with '/' and not shadow another route");
         }
         Ok(())

@@ -34,14 +34,10 @@ impl HttpError {
             HttpError::BadRequest(why) => response("400 Bad Request", "", why),
             HttpError::NotFound => response("404 Not Found", "", "not found"),
             HttpError::MethodNotAllowed => response("405 Method Not Allowed", "Allow: GET\r\n", "method not allowed"),
-            HttpError::UpgradeRequired(why) => response(
-                "426 Upgrade Required",
-                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
-                why,
-            ),
-            HttpError::HeadTooLarge => {
-                response("431 Request Header Fields Too Large", "", "request head too large")
+            HttpError::UpgradeRequired(why) => {
+                response("426 Upgrade Required", "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n", why)
             }
+            HttpError::HeadTooLarge => response("431 Request Header Fields Too Large", "", "request head too large"),
         }
     }
 
@@ -139,9 +135,14 @@ pub fn parse_head<'b, 'h>(
 pub enum Route<'b> {
     /// A valid WebSocket upgrade to a document; `accept` is the
     /// `Sec-WebSocket-Accept` value to answer with.
-    Document { id: &'b str, accept: String },
+    Document {
+        id: &'b str,
+        accept: String,
+    },
     /// A valid WebSocket upgrade to the echo route (`[testing] echo_path`).
-    Echo { accept: String },
+    Echo {
+        accept: String,
+    },
     Health,
     Metrics,
 }
@@ -267,12 +268,42 @@ pub fn metrics(m: &ConnectionManager) -> Vec<u8> {
     .map(|(label, r)| (format!("{{reason=\"{label}\"}}"), m.rejections(*r)))
     .collect();
     family("docrelay_rejected_total", "counter", "Connections refused before CONNECTED, by reason.", &rejections);
-    family("docrelay_sessions", "gauge", "Connected sessions per core.", &per_core(&|c| c.sessions.load(Relaxed) as u64));
-    family("docrelay_handoffs_total", "counter", "Connections adopted from another core.", &per_core(&|c| c.handoffs_in.load(Relaxed)));
-    family("docrelay_messages_in_total", "counter", "WebSocket messages received.", &per_core(&|c| c.messages_in.load(Relaxed)));
-    family("docrelay_messages_out_total", "counter", "Messages queued to clients.", &per_core(&|c| c.messages_out.load(Relaxed)));
-    family("docrelay_frames_out_total", "counter", "WebSocket frames written.", &per_core(&|c| c.frames_out.load(Relaxed)));
-    family("docrelay_write_syscalls_total", "counter", "Socket write system calls.", &per_core(&|c| c.write_syscalls.load(Relaxed)));
+    family(
+        "docrelay_sessions",
+        "gauge",
+        "Connected sessions per core.",
+        &per_core(&|c| c.sessions.load(Relaxed) as u64),
+    );
+    family(
+        "docrelay_handoffs_total",
+        "counter",
+        "Connections adopted from another core.",
+        &per_core(&|c| c.handoffs_in.load(Relaxed)),
+    );
+    family(
+        "docrelay_messages_in_total",
+        "counter",
+        "WebSocket messages received.",
+        &per_core(&|c| c.messages_in.load(Relaxed)),
+    );
+    family(
+        "docrelay_messages_out_total",
+        "counter",
+        "Messages queued to clients.",
+        &per_core(&|c| c.messages_out.load(Relaxed)),
+    );
+    family(
+        "docrelay_frames_out_total",
+        "counter",
+        "WebSocket frames written.",
+        &per_core(&|c| c.frames_out.load(Relaxed)),
+    );
+    family(
+        "docrelay_write_syscalls_total",
+        "counter",
+        "Socket write system calls.",
+        &per_core(&|c| c.write_syscalls.load(Relaxed)),
+    );
     response_typed("200 OK", "text/plain; version=0.0.4; charset=utf-8", "", &out)
 }
 
@@ -297,15 +328,27 @@ mod tests {
         assert_eq!(route_of("GET /healthz HTTP/1.0\r\n\r\n").unwrap(), Route::Health);
         assert_eq!(route_of("GET /nope HTTP/1.1\r\n\r\n").unwrap_err(), HttpError::NotFound);
         assert_eq!(route_of("POST /metrics HTTP/1.1\r\n\r\n").unwrap_err(), HttpError::MethodNotAllowed);
-        assert!(matches!(route_of("GET /ws/documents/d1 HTTP/1.1\r\nHost: x\r\n\r\n"), Err(HttpError::UpgradeRequired(_))));
+        assert!(matches!(
+            route_of("GET /ws/documents/d1 HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Err(HttpError::UpgradeRequired(_))
+        ));
         let v12 = format!("GET /ws/documents/d HTTP/1.1\r\n{}", UPGRADE.replace("Version: 13", "Version: 12"));
         assert!(matches!(route_of(&v12), Err(HttpError::UpgradeRequired(_))));
         let badkey = format!("GET /ws/documents/d HTTP/1.1\r\n{}", UPGRADE.replace("dGhl", "d#hl"));
         assert!(matches!(route_of(&badkey), Err(HttpError::BadRequest(_))));
-        assert!(matches!(route_of(&format!("GET /ws/documents/a%20b HTTP/1.1\r\n{UPGRADE}")), Err(HttpError::BadRequest(_))));
-        assert!(matches!(route_of(&format!("GET /ws/documents/ HTTP/1.1\r\n{UPGRADE}")), Err(HttpError::BadRequest(_))));
+        assert!(matches!(
+            route_of(&format!("GET /ws/documents/a%20b HTTP/1.1\r\n{UPGRADE}")),
+            Err(HttpError::BadRequest(_))
+        ));
+        assert!(matches!(
+            route_of(&format!("GET /ws/documents/ HTTP/1.1\r\n{UPGRADE}")),
+            Err(HttpError::BadRequest(_))
+        ));
         let long = "a".repeat(129);
-        assert!(matches!(route_of(&format!("GET /ws/documents/{long} HTTP/1.1\r\n{UPGRADE}")), Err(HttpError::BadRequest(_))));
+        assert!(matches!(
+            route_of(&format!("GET /ws/documents/{long} HTTP/1.1\r\n{UPGRADE}")),
+            Err(HttpError::BadRequest(_))
+        ));
         assert!(matches!(route_of(&format!("GET /echo HTTP/1.1\r\n{UPGRADE}")), Ok(Route::Echo { .. })));
     }
 
@@ -314,7 +357,10 @@ mod tests {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         assert!(parse_head(b"GET / HTTP/1.1\r\nHost: a", &mut headers, 8192).unwrap().is_none());
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        assert_eq!(parse_head(b"GET /\x01 HTTP/1.1\r\n\r\n", &mut headers, 256).unwrap_err(), HttpError::BadRequest("malformed request head"));
+        assert_eq!(
+            parse_head(b"GET /\x01 HTTP/1.1\r\n\r\n", &mut headers, 256).unwrap_err(),
+            HttpError::BadRequest("malformed request head")
+        );
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300));
         assert_eq!(parse_head(big.as_bytes(), &mut headers, 256).unwrap_err(), HttpError::HeadTooLarge);

@@ -3,10 +3,10 @@
 //! the connection path; it uses sharded-slab (lock-free per shard) and relaxed
 //! atomics, and is never touched on the fan-out path.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::collections::HashMap;
 
 use sharded_slab::Slab;
 

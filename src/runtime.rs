@@ -255,8 +255,8 @@ fn check_memlock() -> Result<(), StartError> {
     // SAFETY: getrlimit(2) writes one rlimit struct we own.
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
-    if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY && (lim.rlim_cur as u64) < MIN_MEMLOCK_BYTES {
-        return Err(StartError::Memlock { have_kib: lim.rlim_cur as u64 / 1024, need_kib: MIN_MEMLOCK_BYTES / 1024 });
+    if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < MIN_MEMLOCK_BYTES {
+        return Err(StartError::Memlock { have_kib: lim.rlim_cur / 1024, need_kib: MIN_MEMLOCK_BYTES / 1024 });
     }
     Ok(())
 }
@@ -417,7 +417,8 @@ async fn ticker(ctx: Rc<CoreCtx>) {
     let close_timeout = Config::ms(limits.close_timeout_ms);
     let idle = Config::ms(limits.idle_timeout_ms);
     let ping = Config::ms(limits.ping_interval_ms);
-    let period = close_timeout.min(idle).min(ping).div_f32(4.0).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    let period =
+        close_timeout.min(idle).min(ping).div_f32(4.0).clamp(Duration::from_millis(5), Duration::from_millis(250));
     loop {
         poll_fn(|cx| {
             if ctx.sessions.borrow().is_empty() {
@@ -433,10 +434,8 @@ async fn ticker(ctx: Rc<CoreCtx>) {
         let sessions: Vec<Rc<Conn>> = ctx.sessions.borrow().values().cloned().collect();
         for conn in sessions {
             match conn.lifecycle.get() {
-                Phase::Closing => {
-                    if conn.closing_since.get().is_some_and(|t| now - t >= close_timeout) {
-                        conn.abort();
-                    }
+                Phase::Closing if conn.closing_since.get().is_some_and(|t| now - t >= close_timeout) => {
+                    conn.abort();
                 }
                 Phase::Connected => {
                     let quiet = now - conn.last_rx.get();
@@ -558,7 +557,8 @@ async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
         return;
     };
     let color = http::query_param(head.query, "color").and_then(http::parse_color);
-    let request = ValidationRequest { headers: head.headers, path: head.path, query: head.query, peer, document_id: document };
+    let request =
+        ValidationRequest { headers: head.headers, path: head.path, query: head.query, peer, document_id: document };
     let mut info = ConnInfo { id, key, peer, document: document.into(), mode, color, ip_counted: false };
     let pending = buf[head.len..].to_vec();
     let outcome = match mode {

@@ -213,21 +213,24 @@ impl Conn {
         if self.close_queued.get() {
             return false;
         }
-        let limit = ctx.config.limits.max_send_buffer_bytes;
+        let queued = self.out.borrow().bytes;
+        if queued > 0 && queued + frame.bytes().len() > 2 * ctx.config.limits.max_send_buffer_bytes {
+            self.begin_close(ctx, close::POLICY, "send buffer overflow");
+            return false;
+        }
+        self.push(ctx, frame);
+        true
+    }
+
+    /// Appends to the queue without checks (a Close must always get in).
+    fn push(&self, ctx: &CoreCtx, frame: SharedFrame) {
         {
             let mut out = self.out.borrow_mut();
-            let len = frame.bytes().len();
-            if out.bytes > 0 && out.bytes + len > 2 * limit {
-                drop(out);
-                self.begin_close(ctx, close::POLICY, "send buffer overflow");
-                return false;
-            }
-            out.bytes += len;
+            out.bytes += frame.bytes().len();
             out.frames.push_back(frame);
         }
         ctx.stats().messages_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.wake_writer();
-        true
     }
 
     /// Queues a direct reply as a Text frame.
@@ -242,8 +245,8 @@ impl Conn {
         if self.close_queued.get() {
             return;
         }
-        self.send(ctx, Rc::new(OutFrame::close(code, reason)));
         self.close_queued.set(true);
+        self.push(ctx, Rc::new(OutFrame::close(code, reason)));
         self.enter_closing();
     }
 
@@ -297,8 +300,8 @@ impl Conn {
                             Some((code, _)) => OutFrame::close(code, ""),
                             None => OutFrame::new(Kind::Close, b""),
                         };
-                        self.send(ctx, Rc::new(frame));
                         self.close_queued.set(true);
+                        self.push(ctx, Rc::new(frame));
                         self.enter_closing();
                     }
                     stop = true;
@@ -348,7 +351,7 @@ impl Conn {
             })
             .await;
             if !more {
-                if self.reading_done.get() && self.close_queued.get() && !self.peer_gone() {
+                if self.reading_done.get() && self.close_queued.get() {
                     // We failed the connection: linger until the peer closes or
                     // the close timeout, discarding what it still sends.
                     self.drain_until_eof(ctx).await;
@@ -356,10 +359,6 @@ impl Conn {
                 return;
             }
         }
-    }
-
-    fn peer_gone(&self) -> bool {
-        false
     }
 
     async fn drain_until_eof(&self, ctx: &CoreCtx) {

@@ -73,7 +73,10 @@ pub enum Verdict {
     Pending,
     Accept,
     /// Close with this code (4000..=4999) and reason.
-    Reject { code: u16, reason: String },
+    Reject {
+        code: u16,
+        reason: String,
+    },
 }
 
 /// The verdict for one connection, addressed to the core that waits for it.
@@ -128,7 +131,12 @@ impl ValidationResultPublisher {
 
 /// Decides whether a connection may proceed; see the module documentation.
 pub trait ConnectionValidator: Send + Sync + 'static {
-    fn validate(&self, request: &ValidationRequest<'_>, result: ValidationResult, publisher: &ValidationResultPublisher);
+    fn validate(
+        &self,
+        request: &ValidationRequest<'_>,
+        result: ValidationResult,
+        publisher: &ValidationResultPublisher,
+    );
 }
 
 /// The per-core side: issues tickets, collects published verdicts, and wakes
@@ -153,11 +161,7 @@ impl Verdicts {
     }
 
     /// Runs `validator` for one connection and returns a future for its verdict.
-    pub(crate) fn start(
-        &self,
-        validator: &dyn ConnectionValidator,
-        request: &ValidationRequest<'_>,
-    ) -> VerdictFuture {
+    pub(crate) fn start(&self, validator: &dyn ConnectionValidator, request: &ValidationRequest<'_>) -> VerdictFuture {
         let ticket = self.next.get();
         self.next.set(ticket + 1);
         let slot = Rc::new(Slot::default());

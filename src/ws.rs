@@ -45,7 +45,10 @@ impl WsError {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     /// A whole data message; Text messages are already checked to be UTF-8.
-    Message { binary: bool, data: &'a [u8] },
+    Message {
+        binary: bool,
+        data: &'a [u8],
+    },
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// The peer's Close, already validated: code (if any) and UTF-8 reason.
@@ -86,11 +89,7 @@ impl FrameReader {
 
     /// Feeds bytes just read from the socket. `input` may be modified (frames
     /// are unmasked in place). Calls `on_event` for each complete event.
-    pub fn feed(
-        &mut self,
-        input: &mut [u8],
-        mut on_event: impl FnMut(Event<'_>) -> Flow,
-    ) -> Result<Flow, WsError> {
+    pub fn feed(&mut self, input: &mut [u8], mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<Flow, WsError> {
         if self.partial.is_empty() {
             let used = self.parse(input, &mut on_event)?;
             if let Some(used) = used {
@@ -402,7 +401,9 @@ mod tests {
             let mut c = c.to_vec();
             r.feed(&mut c, |e| {
                 seen.push(match e {
-                    Event::Message { binary, data } => format!("{}:{}", if binary { "bin" } else { "text" }, String::from_utf8_lossy(data)),
+                    Event::Message { binary, data } => {
+                        format!("{}:{}", if binary { "bin" } else { "text" }, String::from_utf8_lossy(data))
+                    }
                     Event::Ping(p) => format!("ping:{}", String::from_utf8_lossy(p)),
                     Event::Pong(p) => format!("pong:{}", String::from_utf8_lossy(p)),
                     Event::Close(c) => format!("close:{c:?}"),
