@@ -16,7 +16,9 @@
 //! relay.join();
 //! ```
 
+pub mod auth;
 pub mod config;
+pub mod document;
 pub mod http;
 pub mod protocol;
 pub mod registry;
