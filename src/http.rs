@@ -6,8 +6,15 @@ use std::fmt::Write as _;
 
 use crate::registry::{ConnectionManager, Rejection};
 
-/// Header slots for httparse; a head with more headers is answered 431.
+/// Header slots tried first; a head with more is parsed again with
+/// [`header_slots_for`] slots, so only the byte limit bounds a head.
 pub const MAX_HEADERS: usize = 64;
+
+/// Enough header slots for any head of at most `max_head` bytes (a header
+/// line takes at least 4 bytes: `a:\r\n`).
+pub fn header_slots_for(max_head: usize) -> usize {
+    max_head / 4 + 1
+}
 
 /// The route of the documents endpoint.
 pub const DOCUMENTS_PREFIX: &str = "/ws/documents/";
@@ -25,6 +32,10 @@ pub enum HttpError {
     UpgradeRequired(&'static str),
     #[error("431 request header fields too large")]
     HeadTooLarge,
+    /// More headers than the slots given to the parser: parse again with
+    /// [`header_slots_for`] slots (answered 431 if it ever reaches a client).
+    #[error("431 too many header fields")]
+    TooManyHeaders,
 }
 
 impl HttpError {
@@ -37,13 +48,15 @@ impl HttpError {
             HttpError::UpgradeRequired(why) => {
                 response("426 Upgrade Required", "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n", why)
             }
-            HttpError::HeadTooLarge => response("431 Request Header Fields Too Large", "", "request head too large"),
+            HttpError::HeadTooLarge | HttpError::TooManyHeaders => {
+                response("431 Request Header Fields Too Large", "", "request head too large")
+            }
         }
     }
 
     pub fn rejection(&self) -> Rejection {
         match self {
-            HttpError::HeadTooLarge => Rejection::HeadTooLarge,
+            HttpError::HeadTooLarge | HttpError::TooManyHeaders => Rejection::HeadTooLarge,
             _ => Rejection::BadRequest,
         }
     }
@@ -95,7 +108,7 @@ impl<'b> Head<'b, '_> {
 /// Parses a request head. `Ok(None)`: incomplete, read more.
 pub fn parse_head<'b, 'h>(
     buf: &'b [u8],
-    headers: &'h mut [httparse::Header<'b>; MAX_HEADERS],
+    headers: &'h mut [httparse::Header<'b>],
     max_head: usize,
 ) -> Result<Option<Head<'b, 'h>>, HttpError> {
     let mut req = httparse::Request::new(headers);
@@ -125,8 +138,25 @@ pub fn parse_head<'b, 'h>(
                 Ok(None)
             }
         }
-        Err(httparse::Error::TooManyHeaders) => Err(HttpError::HeadTooLarge),
+        Err(httparse::Error::TooManyHeaders) => Err(HttpError::TooManyHeaders),
         Err(_) => Err(HttpError::BadRequest("malformed request head")),
+    }
+}
+
+/// [`parse_head`] with `small` slots first and, for a head with more headers,
+/// again with `big` grown to [`header_slots_for`]`(max_head)` slots.
+pub fn parse_head_any<'b, 'h>(
+    buf: &'b [u8],
+    small: &'h mut [httparse::Header<'b>],
+    big: &'h mut Vec<httparse::Header<'b>>,
+    max_head: usize,
+) -> Result<Option<Head<'b, 'h>>, HttpError> {
+    match parse_head(buf, small, max_head) {
+        Err(HttpError::TooManyHeaders) => {
+            big.resize(header_slots_for(max_head), httparse::EMPTY_HEADER);
+            parse_head(buf, big, max_head)
+        }
+        other => other,
     }
 }
 
@@ -151,6 +181,10 @@ pub enum Route<'b> {
 /// unknown path 404, wrong method 405, bad document id 400, no upgrade 426,
 /// bad version 426, bad key or HTTP version 400.
 pub fn route<'b>(head: &Head<'b, '_>, echo_path: &str) -> Result<Route<'b>, HttpError> {
+    // RFC 9112 section 3.2: an HTTP/1.1 request has exactly one Host.
+    if head.version == 1 && head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).count() != 1 {
+        return Err(HttpError::BadRequest("HTTP/1.1 needs exactly one Host header"));
+    }
     enum Target<'b> {
         Document(&'b str),
         Echo,
@@ -326,8 +360,11 @@ mod tests {
         // RFC 6455's own example key and answer.
         assert_eq!(ok, Route::Document { id: "a.b~c:d-e_f", accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into() });
         assert_eq!(route_of("GET /healthz HTTP/1.0\r\n\r\n").unwrap(), Route::Health);
-        assert_eq!(route_of("GET /nope HTTP/1.1\r\n\r\n").unwrap_err(), HttpError::NotFound);
-        assert_eq!(route_of("POST /metrics HTTP/1.1\r\n\r\n").unwrap_err(), HttpError::MethodNotAllowed);
+        assert_eq!(route_of("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HttpError::NotFound);
+        assert_eq!(route_of("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HttpError::MethodNotAllowed);
+        assert!(matches!(route_of("GET /healthz HTTP/1.1\r\n\r\n"), Err(HttpError::BadRequest(_))));
+        let two_hosts = "GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+        assert!(matches!(route_of(two_hosts), Err(HttpError::BadRequest(_))));
         assert!(matches!(
             route_of("GET /ws/documents/d1 HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(HttpError::UpgradeRequired(_))
@@ -364,6 +401,10 @@ mod tests {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300));
         assert_eq!(parse_head(big.as_bytes(), &mut headers, 256).unwrap_err(), HttpError::HeadTooLarge);
+        // 100 headers in 1 KiB: under the byte limit, so served.
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a:b\r\n".repeat(100));
+        let (mut small, mut big) = ([httparse::EMPTY_HEADER; MAX_HEADERS], Vec::new());
+        assert_eq!(parse_head_any(many.as_bytes(), &mut small, &mut big, 8192).unwrap().unwrap().headers.len(), 100);
     }
 
     #[test]

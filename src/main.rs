@@ -47,7 +47,6 @@ fn main() -> ExitCode {
             match serve(config, listen, cores, allow_insecure) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {
-                    tracing::error!("{message}");
                     eprintln!("docrelay: {message}");
                     ExitCode::FAILURE
                 }

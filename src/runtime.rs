@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::config::{AuthMode, Config};
 use crate::http::{self, HttpError, Route};
 use crate::registry::{ConnectionManager, CoreStats, Rejection};
-use crate::session::{self, Conn, ConnInfo, Mode, Phase};
+use crate::session::{self, CancelOnDrop, Conn, ConnInfo, Mode, Phase};
 use crate::validate::{self, ConnectionValidator, ValidationRequest, Verdict, Verdicts};
 use crate::ws::{close, OutFrame};
 
@@ -294,6 +294,10 @@ pub(crate) struct CoreCtx {
     /// Read buffer shared by the core's sessions (only borrowed inside a poll).
     pub(crate) scratch: RefCell<Vec<u8>>,
     sessions: RefCell<HashMap<u64, Rc<Conn>>>,
+    /// Every per-connection task (handshakes and sessions), so shutdown can
+    /// end the ones still running: glommio does not drop tasks left at exit.
+    tasks: RefCell<HashMap<u64, glommio::task::JoinHandle<()>>>,
+    next_task: Cell<u64>,
     pub(crate) shutting_down: Cell<bool>,
     ticker_waker: Cell<Option<Waker>>,
 }
@@ -316,6 +320,19 @@ impl CoreCtx {
         }
     }
 
+    /// Spawns a per-connection task that shutdown can cancel.
+    fn spawn_tracked(self: &Rc<Self>, task: impl std::future::Future<Output = ()> + 'static) {
+        let id = self.next_task.get();
+        self.next_task.set(id + 1);
+        let ctx = self.clone();
+        let handle = glommio::spawn_local(async move {
+            task.await;
+            ctx.tasks.borrow_mut().remove(&id);
+        })
+        .detach();
+        self.tasks.borrow_mut().insert(id, handle);
+    }
+
     /// Starts a session for a validated connection on this core.
     fn adopt(self: &Rc<Self>, stream: TcpStream, info: ConnInfo, pending: Vec<u8>) {
         self.registry.set_core(info.key, self.index);
@@ -324,22 +341,40 @@ impl CoreCtx {
         if let Some(w) = self.ticker_waker.take() {
             w.wake();
         }
-        glommio::spawn_local(session::run(self.clone(), conn, pending)).detach();
+        self.spawn_tracked(session::run(self.clone(), conn, pending));
     }
 }
 
+/// Pending connections the kernel queues per core before `accept`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket on `addr` that shares the port with the other cores
+/// (SO_REUSEPORT). Returns its fd, which stays ours so that shutdown can stop
+/// the kernel from accepting on it.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_cloexec(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    // SAFETY: into_raw_fd gives up the socket's ownership of a valid fd,
+    // which the OwnedFd takes over.
+    Ok(unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) })
+}
+
 async fn core_main(setup: CoreSetup) {
-    let listener = match TcpListener::bind(setup.addr) {
-        Ok(l) => l,
+    let listen_fd = match bind_listener(setup.addr) {
+        Ok(fd) => fd,
         Err(e) => {
-            let err = match e {
-                glommio::GlommioError::IoError(io) => io,
-                other => std::io::Error::other(other.to_string()),
-            };
-            let _ = setup.ready.send((setup.index, Err(err)));
+            let _ = setup.ready.send((setup.index, Err(e)));
             return;
         }
     };
+    let listen_raw = listen_fd.as_raw_fd();
+    // SAFETY: a bound, listening socket whose ownership moves to glommio.
+    let listener = unsafe { TcpListener::from_raw_fd(listen_fd.into_raw_fd()) };
     let ctx = Rc::new(CoreCtx {
         index: setup.index,
         verdicts: Rc::new(Verdicts::new(setup.config.limits.validation_queue)),
@@ -349,11 +384,13 @@ async fn core_main(setup: CoreSetup) {
         peers: setup.peers,
         scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
         sessions: RefCell::new(HashMap::new()),
+        tasks: RefCell::new(HashMap::new()),
+        next_task: Cell::new(0),
         shutting_down: Cell::new(false),
         ticker_waker: Cell::new(None),
     });
-    glommio::spawn_local(ctx.verdicts.clone().run()).detach();
-    glommio::spawn_local(ticker(ctx.clone())).detach();
+    let collector = CancelOnDrop(glommio::spawn_local(ctx.verdicts.clone().run()).detach());
+    let ticker = CancelOnDrop(glommio::spawn_local(ticker(ctx.clone())).detach());
     let acceptor = glommio::spawn_local(accept_loop(ctx.clone(), listener)).detach();
     let _ = setup.ready.send((setup.index, Ok(())));
 
@@ -372,6 +409,12 @@ async fn core_main(setup: CoreSetup) {
 
     // Shutdown: stop accepting, close every session with 1001, wait for them.
     ctx.shutting_down.set(true);
+    // shutdown(2) on a listening socket makes the kernel stop accepting on it
+    // and fails an accept already submitted to io_uring, which cancelling the
+    // task alone would leave to complete with a connection nobody handles.
+    // SAFETY: shutdown(2) on the listener fd, still open (glommio's listener
+    // lives in the acceptor task until it is cancelled below); non-blocking.
+    unsafe { libc::shutdown(listen_raw, libc::SHUT_RDWR) };
     acceptor.cancel();
     let sessions: Vec<Rc<Conn>> = ctx.sessions.borrow().values().cloned().collect();
     for conn in sessions {
@@ -391,6 +434,28 @@ async fn core_main(setup: CoreSetup) {
     for conn in left {
         conn.abort();
     }
+    // Let aborted sessions finish, then end whatever still runs (handshakes,
+    // validations, sessions stuck on a dead peer): glommio leaks tasks that
+    // are still pending when the executor returns, and their sockets with them.
+    sleep(Duration::from_millis(10)).await;
+    let tasks: Vec<_> = ctx.tasks.borrow_mut().drain().map(|(_, t)| t).collect();
+    for t in tasks {
+        t.cancel();
+    }
+    drop((collector, ticker));
+    // Publishers now get PublishError::Closed.
+    ctx.verdicts.close();
+    // Hand-offs that arrived too late: their fds close as they drop.
+    while let Ok(msg) = setup.rx.try_recv() {
+        if let CoreMsg::Adopt(h) = msg {
+            ctx.registry.unregister(h.info.key);
+            if h.info.ip_counted {
+                ctx.registry.remove_ip(h.info.peer.ip());
+            }
+        }
+    }
+    // One more turn of the executor drops the cancelled tasks.
+    sleep(Duration::from_millis(1)).await;
     debug!(core = ctx.index, "core stopped");
 }
 
@@ -398,8 +463,9 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                glommio::spawn_local(handshake(ctx.clone(), stream)).detach();
+                ctx.spawn_tracked(handshake(ctx.clone(), stream));
             }
+            Err(_) if ctx.shutting_down.get() => return,
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.
                 warn!(error = %e, core = ctx.index, "accept failed");
@@ -471,8 +537,8 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, max_head: usize) -
             Ok(n) => n,
         };
         filled += n;
-        let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
-        match http::parse_head(&buf[..filled], &mut headers, max_head) {
+        let (mut small, mut big) = ([httparse::EMPTY_HEADER; http::MAX_HEADERS], Vec::new());
+        match http::parse_head_any(&buf[..filled], &mut small, &mut big, max_head) {
             Ok(Some(_)) => {
                 buf.truncate(filled);
                 return HeadRead::Complete;
@@ -530,8 +596,8 @@ async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
         Some(HeadRead::Complete) => {}
     }
     ctx.registry.count_http_request();
-    let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
-    let head = match http::parse_head(&buf, &mut headers, limits.max_head_bytes) {
+    let (mut small, mut big) = ([httparse::EMPTY_HEADER; http::MAX_HEADERS], Vec::new());
+    let head = match http::parse_head_any(&buf, &mut small, &mut big, limits.max_head_bytes) {
         Ok(Some(h)) => h,
         _ => return, // parsed complete a moment ago
     };
@@ -556,32 +622,31 @@ async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
     let Some((key, id)) = ctx.registry.register(peer, document, ctx.index) else {
         return;
     };
+    let registration = Registration { registry: &ctx.registry, key, peer, ip_counted: Cell::new(false), armed: true };
     let color = http::query_param(head.query, "color").and_then(http::parse_color);
     let request =
         ValidationRequest { headers: head.headers, path: head.path, query: head.query, peer, document_id: document };
-    let mut info = ConnInfo { id, key, peer, document: document.into(), mode, color, ip_counted: false };
     let pending = buf[head.len..].to_vec();
     let outcome = match mode {
         Mode::Echo => Ok(()),
-        Mode::Document => validate_connection(&ctx, &request, &mut info).await,
+        Mode::Document => validate_connection(&ctx, &request, &registration).await,
     };
+    let info =
+        ConnInfo { id, key, peer, document: document.into(), mode, color, ip_counted: registration.ip_counted.get() };
     drop(buf);
     if let Err((code, reason, why)) = outcome {
         ctx.registry.count_rejection(why);
         ctx.registry.set_phase(key, Phase::Disconnected);
         debug!(id, code, reason = %reason, "validation failed");
         answer_and_close(&ctx, stream, OutFrame::close(code, &reason).bytes()).await;
-        ctx.registry.unregister(key);
-        if info.ip_counted {
-            ctx.registry.remove_ip(peer.ip());
-        }
-        return;
+        return; // `registration` unregisters
     }
     let owner = match mode {
         Mode::Echo => ctx.index,
         Mode::Document => owner_core(&info.document, ctx.cores()),
     };
     if owner == ctx.index {
+        registration.disarm();
         ctx.adopt(stream, info, pending);
         return;
     }
@@ -590,23 +655,43 @@ async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
     let dup = unsafe { libc::dup(stream.as_raw_fd()) };
     if dup < 0 {
         warn!(error = %std::io::Error::last_os_error(), "cannot hand off connection");
-        end_unadopted(&ctx, &info);
         return;
     }
     // SAFETY: `dup` is a fresh, valid fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
     drop(stream);
-    let msg = CoreMsg::Adopt(Handoff { fd, info: info.clone(), pending });
-    if ctx.peers[owner].send_async(msg).await.is_err() {
-        // The owner core has stopped (shutdown): the connection just closes.
-        end_unadopted(&ctx, &info);
+    // If the owner has stopped (shutdown), the message and its fd are
+    // dropped, which closes the connection, and `registration` unregisters.
+    if ctx.peers[owner].send_async(CoreMsg::Adopt(Handoff { fd, info, pending })).await.is_ok() {
+        registration.disarm();
     }
 }
 
-fn end_unadopted(ctx: &CoreCtx, info: &ConnInfo) {
-    ctx.registry.unregister(info.key);
-    if info.ip_counted {
-        ctx.registry.remove_ip(info.peer.ip());
+/// A connection's registry entry between the upgrade and its adoption by a
+/// session: unregistered on drop (refusal, failed hand-off, or the handshake
+/// task cancelled at shutdown) unless a session took it over.
+struct Registration<'a> {
+    registry: &'a ConnectionManager,
+    key: crate::registry::ConnKey,
+    peer: SocketAddr,
+    ip_counted: Cell<bool>,
+    armed: bool,
+}
+
+impl Registration<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.unregister(self.key);
+            if self.ip_counted.get() {
+                self.registry.remove_ip(self.peer.ip());
+            }
+        }
     }
 }
 
@@ -616,10 +701,10 @@ fn end_unadopted(ctx: &CoreCtx, info: &ConnInfo) {
 async fn validate_connection(
     ctx: &CoreCtx,
     request: &ValidationRequest<'_>,
-    info: &mut ConnInfo,
+    registration: &Registration<'_>,
 ) -> Result<(), (u16, String, Rejection)> {
     match validate::builtin(&ctx.config, &ctx.registry, request) {
-        Ok(counted) => info.ip_counted = counted,
+        Ok(counted) => registration.ip_counted.set(counted),
         Err(r) => return Err((r.code, r.reason.to_string(), Rejection::Validation)),
     }
     let Some(validator) = ctx.validator.clone() else {

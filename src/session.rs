@@ -332,7 +332,8 @@ impl Conn {
             // Back-pressure: a client that does not read its replies is not
             // read from either, so its queue stays bounded.
             poll_fn(|cx| {
-                if self.out.borrow().bytes < ctx.config.limits.max_send_buffer_bytes || self.close_queued.get() {
+                let drained = self.out.borrow().bytes < ctx.config.limits.max_send_buffer_bytes;
+                if drained || self.close_queued.get() || self.reading_done.get() {
                     Poll::Ready(())
                 } else {
                     self.reader_waker.set(Some(cx.waker().clone()));
@@ -361,14 +362,20 @@ impl Conn {
         }
     }
 
+    /// After failing the connection: discard input until the peer's Close
+    /// reply, its end of stream, or the close timeout (the ticker).
     async fn drain_until_eof(&self, ctx: &CoreCtx) {
         loop {
-            let n = poll_fn(|cx| {
+            let done = poll_fn(|cx| {
                 let mut scratch = ctx.scratch.borrow_mut();
-                Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut scratch[..])
+                match Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut scratch[..]) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(crate::ws::starts_frames_with_close(&scratch[..n])),
+                    Poll::Ready(_) => Poll::Ready(true),
+                }
             })
             .await;
-            if !matches!(n, Ok(n) if n > 0) {
+            if done {
                 return;
             }
         }
@@ -451,6 +458,8 @@ impl Conn {
                 debug!(error = %e, "write failed");
                 self.reading_done.set(true);
                 self.abort();
+                // The reader may be parked on back-pressure rather than on the socket.
+                self.wake_reader();
                 return;
             }
             if self.close_queued.get() && !shut_write {
@@ -467,23 +476,55 @@ impl Conn {
     }
 }
 
+/// Cancels a task when dropped (glommio's JoinHandle only detaches).
+pub(crate) struct CancelOnDrop(pub(crate) glommio::task::JoinHandle<()>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// DISCONNECTED bookkeeping, run however the session ends: normally, or by
+/// its task being cancelled at shutdown.
+struct Disconnect<'a> {
+    ctx: &'a CoreCtx,
+    conn: &'a Conn,
+}
+
+impl Drop for Disconnect<'_> {
+    fn drop(&mut self) {
+        let conn = self.conn;
+        conn.reading_done.set(true);
+        if conn.lifecycle.get() != Phase::Disconnected {
+            let _ = conn.lifecycle.advance(Phase::Disconnected);
+        }
+        self.ctx.end_session(conn);
+        self.ctx.stats().sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        debug!("disconnected");
+    }
+}
+
 /// Runs a session on its owner core from CONNECTED to DISCONNECTED.
 /// `pending` holds bytes that arrived behind the upgrade request.
 pub(crate) async fn run(ctx: Rc<CoreCtx>, conn: Rc<Conn>, mut pending: Vec<u8>) {
     let span = tracing::info_span!("conn", id = conn.info.id, document = %conn.info.document, core = ctx.index);
     async {
-        use std::sync::atomic::Ordering::Relaxed;
         if conn.lifecycle.advance(Phase::Connected).is_err() {
+            ctx.end_session(&conn);
             return;
         }
         ctx.registry.set_phase(conn.info.key, Phase::Connected);
-        ctx.stats().sessions.fetch_add(1, Relaxed);
+        ctx.stats().sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _disconnect = Disconnect { ctx: &ctx, conn: &conn };
         debug!("connected");
-        let writer = glommio::spawn_local({
-            let (ctx, conn) = (ctx.clone(), conn.clone());
-            async move { conn.write_loop(&ctx).await }
-        })
-        .detach();
+        let mut writer = CancelOnDrop(
+            glommio::spawn_local({
+                let (ctx, conn) = (ctx.clone(), conn.clone());
+                async move { conn.write_loop(&ctx).await }
+            })
+            .detach(),
+        );
         let keep_reading = pending.is_empty() || conn.process(&ctx, &mut pending);
         drop(pending);
         if ctx.shutting_down.get() {
@@ -495,13 +536,7 @@ pub(crate) async fn run(ctx: Rc<CoreCtx>, conn: Rc<Conn>, mut pending: Vec<u8>) 
         conn.reading_done.set(true);
         conn.enter_closing();
         conn.wake_writer();
-        writer.await;
-        if conn.lifecycle.get() != Phase::Disconnected {
-            let _ = conn.lifecycle.advance(Phase::Disconnected);
-        }
-        ctx.end_session(&conn);
-        ctx.stats().sessions.fetch_sub(1, Relaxed);
-        debug!("disconnected");
+        (&mut writer.0).await;
     }
     .instrument(span)
     .await

@@ -143,7 +143,8 @@ pub trait ConnectionValidator: Send + Sync + 'static {
 /// the session waiting for each.
 pub(crate) struct Verdicts {
     publisher: ValidationResultPublisher,
-    rx: flume::Receiver<ValidationResult>,
+    /// Taken at shutdown: with every receiver gone, publishing answers Closed.
+    rx: RefCell<Option<flume::Receiver<ValidationResult>>>,
     next: Cell<u64>,
     waiting: RefCell<HashMap<u64, Rc<Slot>>>,
 }
@@ -157,7 +158,12 @@ struct Slot {
 impl Verdicts {
     pub(crate) fn new(capacity: usize) -> Verdicts {
         let (tx, rx) = flume::bounded(capacity);
-        Verdicts { publisher: ValidationResultPublisher { tx }, rx, next: Cell::new(1), waiting: Default::default() }
+        Verdicts {
+            publisher: ValidationResultPublisher { tx },
+            rx: RefCell::new(Some(rx)),
+            next: Cell::new(1),
+            waiting: Default::default(),
+        }
     }
 
     /// Runs `validator` for one connection and returns a future for its verdict.
@@ -179,9 +185,16 @@ impl Verdicts {
     }
 
     fn drain(&self) {
-        while let Ok(r) = self.rx.try_recv() {
+        let Some(rx) = self.rx.borrow().clone() else { return };
+        while let Ok(r) = rx.try_recv() {
             self.deliver(r);
         }
+    }
+
+    /// Stops taking verdicts (shutdown); the collector task must be gone too.
+    pub(crate) fn close(&self) {
+        self.rx.borrow_mut().take();
+        self.waiting.borrow_mut().clear();
     }
 
     fn deliver(&self, r: ValidationResult) {
@@ -195,7 +208,8 @@ impl Verdicts {
 
     /// The core's collector task: delivers verdicts published from any thread.
     pub(crate) async fn run(self: Rc<Self>) {
-        while let Ok(r) = self.rx.recv_async().await {
+        let Some(rx) = self.rx.borrow().clone() else { return };
+        while let Ok(r) = rx.recv_async().await {
             self.deliver(r);
             self.drain();
         }

@@ -251,6 +251,26 @@ impl FrameReader {
     }
 }
 
+/// Whether `chunk`, read as frames from its first byte, holds a Close frame.
+/// Used after the relay has failed a connection: the frame stream is no longer
+/// trusted, but the peer's Close reply, read after ours, starts a fresh read.
+pub fn starts_frames_with_close(chunk: &[u8]) -> bool {
+    let mut pos = 0;
+    while pos < chunk.len() {
+        let mut cursor = Cursor::new(&chunk[pos..]);
+        match FrameHeader::parse(&mut cursor) {
+            Ok(Some((h, len))) => {
+                if h.opcode == OpCode::Control(Control::Close) {
+                    return true;
+                }
+                pos = pos.saturating_add(cursor.position() as usize).saturating_add(len as usize);
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
 fn parse_close(payload: &[u8]) -> Result<Option<(u16, &str)>, WsError> {
     match payload.len() {
         0 => Ok(None),
