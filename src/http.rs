@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::registry::{ConnectionManager, Rejection};
+use crate::registry::{ConnectionManager, CoreStats, Rejection};
 
 /// Header slots tried first; a head with more is parsed again with
 /// [`header_slots_for`] slots, so only the byte limit bounds a head.
@@ -302,42 +302,33 @@ pub fn metrics(m: &ConnectionManager) -> Vec<u8> {
     .map(|(label, r)| (format!("{{reason=\"{label}\"}}"), m.rejections(*r)))
     .collect();
     family("docrelay_rejected_total", "counter", "Connections refused before CONNECTED, by reason.", &rejections);
-    family(
-        "docrelay_sessions",
-        "gauge",
-        "Connected sessions per core.",
-        &per_core(&|c| c.sessions.load(Relaxed) as u64),
-    );
-    family(
-        "docrelay_handoffs_total",
-        "counter",
-        "Connections adopted from another core.",
-        &per_core(&|c| c.handoffs_in.load(Relaxed)),
-    );
-    family(
-        "docrelay_messages_in_total",
-        "counter",
-        "WebSocket messages received.",
-        &per_core(&|c| c.messages_in.load(Relaxed)),
-    );
-    family(
-        "docrelay_messages_out_total",
-        "counter",
-        "Messages queued to clients.",
-        &per_core(&|c| c.messages_out.load(Relaxed)),
-    );
-    family(
-        "docrelay_frames_out_total",
-        "counter",
-        "WebSocket frames written.",
-        &per_core(&|c| c.frames_out.load(Relaxed)),
-    );
-    family(
-        "docrelay_write_syscalls_total",
-        "counter",
-        "Socket write system calls.",
-        &per_core(&|c| c.write_syscalls.load(Relaxed)),
-    );
+    family("docrelay_auth_failures_total", "counter", "Failed authenticate messages.", &one(m.auth_failures()));
+    type Read = fn(&CoreStats) -> u64;
+    let per_core_families: [(&str, &str, &str, Read); 12] = [
+        ("docrelay_sessions", "gauge", "Connected sessions per core.", |c| c.sessions.load(Relaxed) as u64),
+        ("docrelay_documents", "gauge", "Documents loaded per core.", |c| c.documents.load(Relaxed) as u64),
+        ("docrelay_handoffs_total", "counter", "Connections adopted from another core.", |c| {
+            c.handoffs_in.load(Relaxed)
+        }),
+        ("docrelay_messages_in_total", "counter", "WebSocket messages received.", |c| c.messages_in.load(Relaxed)),
+        ("docrelay_messages_out_total", "counter", "Frames queued to clients.", |c| c.messages_out.load(Relaxed)),
+        ("docrelay_operations_total", "counter", "Operations sequenced.", |c| c.operations.load(Relaxed)),
+        ("docrelay_broadcasts_total", "counter", "Broadcast frames published to rings.", |c| {
+            c.broadcasts.load(Relaxed)
+        }),
+        ("docrelay_deliveries_total", "counter", "Broadcast frames queued to subscribers.", |c| {
+            c.deliveries.load(Relaxed)
+        }),
+        ("docrelay_lagged_total", "counter", "lagged notices sent to slow subscribers.", |c| c.lagged.load(Relaxed)),
+        ("docrelay_frames_out_total", "counter", "WebSocket frames written.", |c| c.frames_out.load(Relaxed)),
+        ("docrelay_write_syscalls_total", "counter", "Socket write system calls.", |c| c.write_syscalls.load(Relaxed)),
+        ("docrelay_rate_limited_total", "counter", "Messages dropped by rate limits.", |c| {
+            c.rate_limited.load(Relaxed)
+        }),
+    ];
+    for (name, kind, help, read) in per_core_families {
+        family(name, kind, help, &per_core(&|c| read(c)));
+    }
     response_typed("200 OK", "text/plain; version=0.0.4; charset=utf-8", "", &out)
 }
 

@@ -5,17 +5,35 @@
 //! protocol fixes (shape, type, state, fields) and a `payload` can be relayed
 //! byte for byte without ever being re-serialised.
 
+use std::cell::Cell;
+use std::io::Write as _;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::auth::AuthError;
+use crate::document::{DocumentHub, Participant, Sync};
 use crate::runtime::CoreCtx;
-use crate::session::Conn;
+use crate::session::{Conn, Subscription};
+use crate::ws::{Kind, OutFrame, SharedFrame};
+
+/// Close code when no `authenticate` succeeded within `limits.auth_timeout_ms`.
+pub const AUTH_TIMEOUT: u16 = 4008;
 
 /// Error codes of `{"type":"error"}` replies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BadMessage,
     UnknownType,
+    AuthRequired,
+    AlreadyAuthenticated,
+    NotJoined,
+    AlreadyJoined,
+    BadSnapshot,
+    HistoryUnavailable,
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -23,6 +41,13 @@ impl ErrorCode {
         match self {
             ErrorCode::BadMessage => "BAD_MESSAGE",
             ErrorCode::UnknownType => "UNKNOWN_TYPE",
+            ErrorCode::AuthRequired => "AUTH_REQUIRED",
+            ErrorCode::AlreadyAuthenticated => "ALREADY_AUTHENTICATED",
+            ErrorCode::NotJoined => "NOT_JOINED",
+            ErrorCode::AlreadyJoined => "ALREADY_JOINED",
+            ErrorCode::BadSnapshot => "BAD_SNAPSHOT",
+            ErrorCode::HistoryUnavailable => "HISTORY_UNAVAILABLE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
         }
     }
 }
@@ -114,16 +139,378 @@ pub fn pong_reply() -> Vec<u8> {
     buf
 }
 
+/// A frame for a JSON value (replies that are not on the hot path).
+fn json_payload(value: &serde_json::Value) -> Vec<u8> {
+    let mut buf = OutFrame::payload_buffer(128);
+    let _ = serde_json::to_writer(&mut buf, value);
+    buf
+}
+
+/// The `lagged` notice for a subscriber that missed `[from, to]`.
+pub(crate) fn lagged(from: u64, to: u64) -> SharedFrame {
+    let mut buf = OutFrame::payload_buffer(64);
+    let _ = write!(buf, r#"{{"type":"lagged","missed_from":{from},"missed_to":{to}}}"#);
+    Rc::new(OutFrame::finish(Kind::Text, buf))
+}
+
+/// Per-connection rate limits (`limits.max_ops_per_sec`,
+/// `limits.max_cursor_per_sec`): fixed one-second windows.
+#[derive(Debug, Default)]
+pub(crate) struct Rates {
+    ops: Window,
+    cursors: Window,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    start: Cell<Option<Instant>>,
+    count: Cell<u32>,
+    /// Since when the client has been over its limit without a break.
+    over_since: Cell<Option<Instant>>,
+}
+
+/// What a rate check decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Rate {
+    Allow,
+    Drop,
+    /// Over the limit for longer than the grace: close 1008.
+    Close,
+}
+
+impl Window {
+    fn check(&self, now: Instant, limit: u32, grace: Duration) -> Rate {
+        if limit == 0 {
+            return Rate::Allow;
+        }
+        let second = Duration::from_secs(1);
+        match self.start.get() {
+            Some(t) if now - t < second => {}
+            Some(t) => {
+                // A window passed; was the previous one over the limit?
+                if self.count.get() <= limit || now - t >= 2 * second {
+                    self.over_since.set(None);
+                }
+                self.start.set(Some(now));
+                self.count.set(0);
+            }
+            None => self.start.set(Some(now)),
+        }
+        self.count.set(self.count.get() + 1);
+        if self.count.get() <= limit {
+            return Rate::Allow;
+        }
+        let since = *self.over_since.get().get_or_insert(now);
+        self.over_since.set(Some(since));
+        if now - since >= grace {
+            Rate::Close
+        } else {
+            Rate::Drop
+        }
+    }
+}
+
+/// A field check (step 4 of PROTOCOL.md section 4).
+fn field<'a, T: serde::Deserialize<'a>>(
+    raw: Option<&'a RawValue>,
+    name: &str,
+    required: bool,
+) -> Result<Option<T>, String> {
+    match raw {
+        None if required => Err(format!("missing field `{name}`")),
+        None => Ok(None),
+        Some(r) => serde_json::from_str(r.get()).map(Some).map_err(|_| format!("field `{name}` has the wrong type")),
+    }
+}
+
 /// Handles one complete client message on the session's core.
 pub(crate) fn handle(ctx: &CoreCtx, conn: &Conn, data: &[u8]) {
-    let reply = match parse(data) {
-        Err((code, message)) => error_reply(code, message),
-        Ok((ClientType::Ping, _)) => pong_reply(),
-        // The document protocol (authentication, documents, fan-out) is the
-        // next milestone; until then the other types are not served.
-        Ok((_, _)) => error_reply(ErrorCode::UnknownType, "message type not supported by this relay yet"),
+    let (kind, env) = match parse(data) {
+        Ok(m) => m,
+        Err((code, message)) => return reply_error(ctx, conn, code, message),
     };
-    conn.send_text(ctx, reply);
+    // Step 3: state.
+    let (authenticated, joined) = {
+        let st = conn.state.borrow();
+        (st.is_authenticated(), st.document_joined)
+    };
+    let state_error = match kind {
+        ClientType::Ping => None,
+        ClientType::Authenticate if authenticated => Some((ErrorCode::AlreadyAuthenticated, "already authenticated")),
+        ClientType::Authenticate => None,
+        _ if !authenticated => Some((ErrorCode::AuthRequired, "authenticate first")),
+        ClientType::JoinDocument if joined => Some((ErrorCode::AlreadyJoined, "already joined")),
+        ClientType::JoinDocument => None,
+        _ if !joined => Some((ErrorCode::NotJoined, "join the document first")),
+        _ => None,
+    };
+    if let Some((code, message)) = state_error {
+        return reply_error(ctx, conn, code, message);
+    }
+    // Steps 4 and 5, then the effect.
+    let result = match kind {
+        ClientType::Ping => {
+            conn.send_text(ctx, pong_reply());
+            Ok(())
+        }
+        ClientType::Authenticate => authenticate(ctx, conn, &env),
+        ClientType::JoinDocument => join(ctx, conn, &env),
+        ClientType::LeaveDocument => {
+            leave(ctx, conn);
+            let reply = serde_json::json!({"type": "left_document", "document_id": &*conn.info.document});
+            conn.send_text(ctx, json_payload(&reply));
+            Ok(())
+        }
+        ClientType::Operation => operation(ctx, conn, &env),
+        ClientType::Cursor => cursor(ctx, conn, &env),
+        ClientType::SyncRequest => field::<u64>(env.since, "since", true).map(|since| {
+            sync_response(ctx, conn, since.unwrap_or(0));
+        }),
+        ClientType::Snapshot => snapshot(ctx, conn, &env),
+    };
+    if let Err(message) = result {
+        reply_error(ctx, conn, ErrorCode::BadMessage, &message);
+    }
+}
+
+fn reply_error(ctx: &CoreCtx, conn: &Conn, code: ErrorCode, message: &str) {
+    conn.send_text(ctx, error_reply(code, message));
+}
+
+/// Applies a rate limit; returns false when the message is dropped.
+fn rate_ok(ctx: &CoreCtx, conn: &Conn, window: &Window, limit: u32) -> bool {
+    let grace = Duration::from_millis(ctx.config.limits.rate_limit_grace_ms);
+    match window.check(Instant::now(), limit, grace) {
+        Rate::Allow => true,
+        Rate::Drop => {
+            ctx.stats().rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            reply_error(ctx, conn, ErrorCode::RateLimited, "rate limit exceeded; message dropped");
+            false
+        }
+        Rate::Close => {
+            conn.begin_close(ctx, crate::ws::close::POLICY, "rate limit exceeded");
+            false
+        }
+    }
+}
+
+fn authenticate(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), String> {
+    let token: String = field(env.token, "token", true)?.unwrap_or_default();
+    match ctx.auth.authenticate(&token, &conn.info.document) {
+        Ok(identity) => {
+            let color =
+                conn.info.color.clone().unwrap_or_else(|| crate::auth::palette_color(&identity.user_id).to_string());
+            let session_id = session_id(conn.info.id);
+            let reply = serde_json::json!({
+                "type": "auth_result", "success": true,
+                "user_id": &identity.user_id, "user_name": &identity.user_name,
+                "session_id": &session_id, "connection_id": conn.info.id, "color": &color,
+            });
+            {
+                let mut st = conn.state.borrow_mut();
+                st.user_id_json = serde_json::to_string(&identity.user_id).unwrap_or_default();
+                st.user_id = Some(identity.user_id);
+                st.user_name = Some(identity.user_name);
+                st.session_id = Some(session_id);
+                st.color = color;
+                st.authenticated = true;
+            }
+            conn.send_text(ctx, json_payload(&reply));
+        }
+        Err(e) => {
+            ctx.registry.count_auth_failure();
+            let reply = serde_json::json!({
+                "type": "auth_result", "success": false,
+                "error": {"code": e.code(), "message": e.to_string()},
+            });
+            conn.send_text(ctx, json_payload(&reply));
+            let reason = match e {
+                AuthError::Failed(_) => "authentication failed",
+                AuthError::Forbidden(_) => "forbidden",
+            };
+            conn.begin_close(ctx, e.close_code(), reason);
+        }
+    }
+    Ok(())
+}
+
+/// A session id unique across connections and relay restarts.
+fn session_id(connection_id: u64) -> String {
+    use std::hash::BuildHasher;
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let nonce = *NONCE.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
+    format!("{nonce:016x}-{connection_id:x}")
+}
+
+fn join(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), String> {
+    let since: Option<u64> = field(env.since, "since", false)?;
+    let hub = ctx.document(&conn.info.document);
+    let (participant, user_joined) = {
+        let mut st = conn.state.borrow_mut();
+        st.document_joined = true;
+        let p = Participant {
+            connection_id: conn.info.id,
+            user_id: st.user_id.clone().unwrap_or_default(),
+            user_name: st.user_name.clone().unwrap_or_default(),
+            color: st.color.clone(),
+        };
+        let user_joined = serde_json::json!({
+            "type": "user_joined", "connection_id": p.connection_id, "user_id": &p.user_id,
+            "user_name": &p.user_name, "color": &p.color,
+        });
+        (p, user_joined)
+    };
+    // Broadcasts from now on: the cursors start at the rings' heads.
+    *conn.sub.borrow_mut() =
+        Some(Subscription { hub: hub.clone(), ops_cursor: hub.ops.head(), presence_cursor: hub.presence.head() });
+    hub.subscribe(participant, conn.writer_waker.clone());
+    let participants: Vec<serde_json::Value> = hub
+        .participants()
+        .iter()
+        .map(|p| serde_json::json!({"connection_id": p.connection_id, "user_id": &p.user_id, "user_name": &p.user_name, "color": &p.color}))
+        .collect();
+    let reply = serde_json::json!({
+        "type": "joined_document", "document_id": &*conn.info.document, "seq": hub.seq(), "participants": participants,
+    });
+    conn.send_text(ctx, json_payload(&reply));
+    publish_presence(ctx, &hub, conn.info.id, &user_joined);
+    if let Some(since) = since {
+        sync_response(ctx, conn, since);
+    }
+    Ok(())
+}
+
+fn publish_presence(ctx: &CoreCtx, hub: &DocumentHub, origin: u64, value: &serde_json::Value) {
+    let frame = Rc::new(OutFrame::finish(Kind::Binary, json_payload(value)));
+    ctx.stats().broadcasts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    hub.publish_presence(origin, frame);
+}
+
+/// Leaves the session's document if joined: unsubscribes and broadcasts
+/// `user_left`. Used by `leave_document` and when a joined session ends.
+pub(crate) fn leave(ctx: &CoreCtx, conn: &Conn) {
+    let Some(sub) = conn.sub.borrow_mut().take() else { return };
+    let user_left = {
+        let mut st = conn.state.borrow_mut();
+        st.document_joined = false;
+        serde_json::json!({"type": "user_left", "connection_id": conn.info.id, "user_id": st.user_id.as_deref().unwrap_or("")})
+    };
+    sub.hub.unsubscribe(conn.info.id);
+    publish_presence(ctx, &sub.hub, conn.info.id, &user_left);
+}
+
+fn operation(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), String> {
+    let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
+    if let Some(id) = env.client_op_id {
+        let first = id.get().as_bytes().first();
+        if !matches!(first, Some(b'"' | b'-' | b'0'..=b'9')) {
+            return Err("field `client_op_id` must be a string or a number".into());
+        }
+    }
+    if !rate_ok(ctx, conn, &conn.rates.ops, ctx.config.limits.max_ops_per_sec) {
+        return Ok(());
+    }
+    let Some(hub) = conn.sub.borrow().as_ref().map(|s| s.hub.clone()) else {
+        return Ok(()); // joined implies subscribed
+    };
+    let seq = hub.seq() + 1;
+    // The broadcast, encoded once: header room, fixed fields, raw payload.
+    let payload = payload.get().as_bytes();
+    let frame = {
+        let st = conn.state.borrow();
+        let mut buf = OutFrame::payload_buffer(96 + st.user_id_json.len() + payload.len());
+        let _ = write!(
+            buf,
+            r#"{{"type":"operation","seq":{seq},"connection_id":{},"user_id":{},"payload":"#,
+            conn.info.id, st.user_id_json
+        );
+        buf.extend_from_slice(payload);
+        buf.push(b'}');
+        Rc::new(OutFrame::finish(Kind::Binary, buf))
+    };
+    let stats = ctx.stats();
+    stats.operations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    stats.broadcasts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    hub.publish_op(seq, conn.info.id, frame);
+    let mut ack = OutFrame::payload_buffer(64);
+    let _ = write!(ack, r#"{{"type":"ack","seq":{seq}"#);
+    if let Some(id) = env.client_op_id {
+        ack.extend_from_slice(br#","client_op_id":"#);
+        ack.extend_from_slice(id.get().as_bytes());
+    }
+    ack.push(b'}');
+    conn.send_text(ctx, ack);
+    Ok(())
+}
+
+fn cursor(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), String> {
+    let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
+    if !rate_ok(ctx, conn, &conn.rates.cursors, ctx.config.limits.max_cursor_per_sec) {
+        return Ok(());
+    }
+    let Some(hub) = conn.sub.borrow().as_ref().map(|s| s.hub.clone()) else { return Ok(()) };
+    let frame = {
+        let st = conn.state.borrow();
+        let payload = payload.get().as_bytes();
+        let mut buf = OutFrame::payload_buffer(112 + st.user_id_json.len() + payload.len());
+        let _ = write!(
+            buf,
+            r#"{{"type":"cursor","connection_id":{},"user_id":{},"color":"{}","payload":"#,
+            conn.info.id, st.user_id_json, st.color
+        );
+        buf.extend_from_slice(payload);
+        buf.push(b'}');
+        Rc::new(OutFrame::finish(Kind::Binary, buf))
+    };
+    ctx.stats().broadcasts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    hub.publish_presence(conn.info.id, frame);
+    Ok(())
+}
+
+fn sync_response(ctx: &CoreCtx, conn: &Conn, since: u64) {
+    let Some(hub) = conn.sub.borrow().as_ref().map(|s| s.hub.clone()) else { return };
+    let write_ops = |buf: &mut Vec<u8>, ops: &[SharedFrame]| {
+        buf.extend_from_slice(br#","ops":["#);
+        for (i, op) in ops.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(op.payload());
+        }
+        buf.extend_from_slice(b"]}");
+    };
+    let mut buf = OutFrame::payload_buffer(256);
+    let _ = write!(buf, r#"{{"type":"sync_response","seq":{}"#, hub.seq());
+    match hub.sync(since) {
+        Sync::History { ops } => {
+            buf.extend_from_slice(br#","snapshot":null"#);
+            write_ops(&mut buf, &ops);
+        }
+        Sync::Snapshot { snapshot, ops } => {
+            let _ = write!(buf, r#","snapshot":{{"seq":{},"state":{}}}"#, snapshot.seq, snapshot.state.get());
+            drop(snapshot);
+            write_ops(&mut buf, &ops);
+        }
+        Sync::Unavailable => {
+            return reply_error(ctx, conn, ErrorCode::HistoryUnavailable, "the history no longer covers `since`");
+        }
+    }
+    conn.send_text(ctx, buf);
+}
+
+fn snapshot(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), String> {
+    let seq: u64 = field(env.seq, "seq", true)?.unwrap_or(0);
+    let Some(state) = env.state else { return Err("missing field `state`".into()) };
+    let Some(hub) = conn.sub.borrow().as_ref().map(|s| s.hub.clone()) else { return Ok(()) };
+    if seq > hub.seq() {
+        reply_error(ctx, conn, ErrorCode::BadSnapshot, "snapshot seq is ahead of the document");
+        return Ok(());
+    }
+    hub.store_snapshot(seq, state.to_owned());
+    let mut ack = OutFrame::payload_buffer(32);
+    let _ = write!(ack, r#"{{"type":"ack","seq":{seq}}}"#);
+    conn.send_text(ctx, ack);
+    Ok(())
 }
 
 #[cfg(test)]

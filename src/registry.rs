@@ -42,6 +42,18 @@ pub struct CoreStats {
     pub messages_out: AtomicU64,
     pub frames_out: AtomicU64,
     pub write_syscalls: AtomicU64,
+    /// Documents loaded on this core.
+    pub documents: AtomicUsize,
+    /// Broadcast frames published into document and presence rings.
+    pub broadcasts: AtomicU64,
+    /// Broadcast frames written to subscribers (deliveries).
+    pub deliveries: AtomicU64,
+    /// `lagged` notices sent.
+    pub lagged: AtomicU64,
+    /// Operations accepted (sequenced).
+    pub operations: AtomicU64,
+    /// Operations and cursor updates dropped by rate limits.
+    pub rate_limited: AtomicU64,
 }
 
 /// Why a handshake or validation ended a connection before CONNECTED, for
@@ -69,6 +81,7 @@ pub struct ConnectionManager {
     peak: AtomicUsize,
     total: AtomicU64,
     http_requests: AtomicU64,
+    auth_failures: AtomicU64,
     rejections: [AtomicU64; 5],
     per_ip: IpCounts,
     cores: Vec<CoreStats>,
@@ -83,6 +96,7 @@ impl ConnectionManager {
             peak: AtomicUsize::new(0),
             total: AtomicU64::new(0),
             http_requests: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
             rejections: Default::default(),
             per_ip: IpCounts::default(),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
@@ -155,6 +169,12 @@ impl ConnectionManager {
     }
     pub fn rejections(&self, why: Rejection) -> u64 {
         self.rejections[why as usize].load(Relaxed)
+    }
+    pub fn count_auth_failure(&self) {
+        self.auth_failures.fetch_add(1, Relaxed);
+    }
+    pub fn auth_failures(&self) -> u64 {
+        self.auth_failures.load(Relaxed)
     }
     pub fn http_requests(&self) -> u64 {
         self.http_requests.load(Relaxed)

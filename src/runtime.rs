@@ -23,7 +23,9 @@ use glommio::timer::sleep;
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
+use crate::auth::Authenticator;
 use crate::config::{AuthMode, Config};
+use crate::document::DocumentHub;
 use crate::http::{self, HttpError, Route};
 use crate::registry::{ConnectionManager, CoreStats, Rejection};
 use crate::session::{self, CancelOnDrop, Conn, ConnInfo, Mode, Phase};
@@ -174,6 +176,7 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
         }
         warn!("auth.mode = \"dev\": any non-empty token is accepted; do not use in production");
     }
+    let auth = Arc::new(crate::auth::Authenticator::from_config(&config)?);
     let addr = probe_address(config.listen)?;
 
     let cores = cpus.len();
@@ -194,6 +197,7 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
             peers: senders.clone(),
             rx,
             validator: options.validator.clone(),
+            auth: auth.clone(),
             ready: ready_tx.clone(),
         };
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -280,6 +284,7 @@ struct CoreSetup {
     peers: Vec<flume::Sender<CoreMsg>>,
     rx: flume::Receiver<CoreMsg>,
     validator: Option<Arc<dyn ConnectionValidator>>,
+    auth: Arc<Authenticator>,
     ready: std::sync::mpsc::Sender<(usize, Result<(), std::io::Error>)>,
 }
 
@@ -289,7 +294,10 @@ pub(crate) struct CoreCtx {
     pub(crate) config: Arc<Config>,
     pub(crate) registry: Arc<ConnectionManager>,
     validator: Option<Arc<dyn ConnectionValidator>>,
+    pub(crate) auth: Arc<Authenticator>,
     verdicts: Rc<Verdicts>,
+    /// The documents this core owns, loaded on first join.
+    documents: RefCell<HashMap<Box<str>, Rc<DocumentHub>>>,
     peers: Vec<flume::Sender<CoreMsg>>,
     /// Read buffer shared by the core's sessions (only borrowed inside a poll).
     pub(crate) scratch: RefCell<Vec<u8>>,
@@ -317,6 +325,32 @@ impl CoreCtx {
         self.registry.unregister(conn.info.key);
         if conn.info.ip_counted {
             self.registry.remove_ip(conn.info.peer.ip());
+        }
+    }
+
+    /// The hub of a document this core owns, created on first use.
+    pub(crate) fn document(&self, id: &str) -> Rc<DocumentHub> {
+        if let Some(hub) = self.documents.borrow().get(id) {
+            return hub.clone();
+        }
+        let d = &self.config.documents;
+        let hub = Rc::new(DocumentHub::new(id, d.ring_capacity, d.presence_ring_capacity, d.history_ops));
+        self.documents.borrow_mut().insert(id.into(), hub.clone());
+        self.stats().documents.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(document = id, core = self.index, "document loaded");
+        hub
+    }
+
+    /// Frees documents that have had no session for `documents.idle_unload_ms`.
+    fn unload_idle_documents(&self, now: Instant) {
+        let after = Config::ms(self.config.documents.idle_unload_ms);
+        let before = self.documents.borrow().len();
+        self.documents
+            .borrow_mut()
+            .retain(|_, hub| hub.subscriber_count() > 0 || hub.empty_since.get().is_none_or(|t| now - t < after));
+        let unloaded = before - self.documents.borrow().len();
+        if unloaded > 0 {
+            self.stats().documents.fetch_sub(unloaded, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -381,6 +415,8 @@ async fn core_main(setup: CoreSetup) {
         config: setup.config,
         registry: setup.registry,
         validator: setup.validator,
+        auth: setup.auth,
+        documents: RefCell::new(HashMap::new()),
         peers: setup.peers,
         scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
         sessions: RefCell::new(HashMap::new()),
@@ -483,11 +519,12 @@ async fn ticker(ctx: Rc<CoreCtx>) {
     let close_timeout = Config::ms(limits.close_timeout_ms);
     let idle = Config::ms(limits.idle_timeout_ms);
     let ping = Config::ms(limits.ping_interval_ms);
+    let auth_timeout = Config::ms(limits.auth_timeout_ms);
     let period =
         close_timeout.min(idle).min(ping).div_f32(4.0).clamp(Duration::from_millis(5), Duration::from_millis(250));
     loop {
         poll_fn(|cx| {
-            if ctx.sessions.borrow().is_empty() {
+            if ctx.sessions.borrow().is_empty() && ctx.documents.borrow().is_empty() {
                 ctx.ticker_waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             } else {
@@ -497,6 +534,7 @@ async fn ticker(ctx: Rc<CoreCtx>) {
         .await;
         sleep(period).await;
         let now = Instant::now();
+        ctx.unload_idle_documents(now);
         let sessions: Vec<Rc<Conn>> = ctx.sessions.borrow().values().cloned().collect();
         for conn in sessions {
             match conn.lifecycle.get() {
@@ -505,7 +543,10 @@ async fn ticker(ctx: Rc<CoreCtx>) {
                 }
                 Phase::Connected => {
                     let quiet = now - conn.last_rx.get();
-                    if quiet >= idle {
+                    let unauthenticated = conn.info.mode == Mode::Document && !conn.state.borrow().is_authenticated();
+                    if unauthenticated && now - conn.connected_at >= auth_timeout {
+                        conn.begin_close(&ctx, crate::protocol::AUTH_TIMEOUT, "authentication timeout");
+                    } else if quiet >= idle {
                         conn.begin_close(&ctx, close::GOING_AWAY, "idle timeout");
                     } else if quiet >= ping && now - conn.last_ping.get() >= ping {
                         conn.last_ping.set(now);

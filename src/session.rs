@@ -26,6 +26,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use tracing::{debug, Instrument};
 
+use crate::document::{DocumentHub, Read, Subscriber};
 use crate::registry::ConnKey;
 use crate::runtime::CoreCtx;
 use crate::ws::{close, Event, Flow, FrameReader, Kind, OutFrame, SharedFrame};
@@ -122,6 +123,73 @@ pub struct ConnInfo {
     pub ip_counted: bool,
 }
 
+/// What a session is allowed to do, after the seed's SessionState. Lives on
+/// the session's core only (no lock): the reader changes it, the writer reads
+/// it on the send path.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub user_id: Option<String>,
+    pub user_name: Option<String>,
+    pub session_id: Option<String>,
+    pub color: String,
+    /// Set by a successful `authenticate`.
+    pub authenticated: bool,
+    /// Set by `join_document`, cleared by `leave_document`.
+    pub document_joined: bool,
+    /// `user_id` as a JSON string, escaped once for every broadcast.
+    pub(crate) user_id_json: String,
+}
+
+impl SessionState {
+    /// Authenticated means the flag AND a user id.
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated && self.user_id.is_some()
+    }
+
+    /// Whether broadcasts may be delivered: authenticated AND joined.
+    pub fn gate_open(&self) -> bool {
+        self.is_authenticated() && self.document_joined
+    }
+}
+
+/// A joined session's place in its document's rings.
+pub(crate) struct Subscription {
+    pub(crate) hub: Rc<DocumentHub>,
+    pub(crate) ops_cursor: u64,
+    pub(crate) presence_cursor: u64,
+}
+
+impl Subscription {
+    fn pending(&self) -> bool {
+        self.ops_cursor < self.hub.ops.head() || self.presence_cursor < self.hub.presence.head()
+    }
+}
+
+/// The writer's waker, shared with the document hub so a publish can wake it.
+#[derive(Default)]
+pub(crate) struct WakerSlot(Cell<Option<Waker>>);
+
+impl WakerSlot {
+    fn set(&self, w: &Waker) {
+        self.0.set(Some(w.clone()));
+    }
+    fn wake(&self) {
+        if let Some(w) = self.0.take() {
+            w.wake();
+        }
+    }
+}
+
+impl Subscriber for WakerSlot {
+    fn notify(&self) {
+        self.wake();
+    }
+}
+
+/// Bytes of broadcasts moved into the write queue at a time: a slow client
+/// holds at most this much beyond the ring's shared entries.
+const REFILL_BYTES: usize = 64 * 1024;
+
 /// Frames queued for one client, front first.
 #[derive(Debug, Default)]
 struct Outbox {
@@ -133,7 +201,9 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn advance(&mut self, mut n: usize) {
+    /// Marks `n` bytes written; returns how many frames were completed.
+    fn advance(&mut self, mut n: usize) -> u64 {
+        let mut done = 0;
         self.bytes -= n;
         while n > 0 {
             let front = self.frames.front().expect("advanced past the queue").bytes().len() - self.offset;
@@ -141,6 +211,7 @@ impl Outbox {
                 n -= front;
                 self.offset = 0;
                 self.frames.pop_front();
+                done += 1;
             } else {
                 self.offset += n;
                 n = 0;
@@ -149,6 +220,7 @@ impl Outbox {
         if self.frames.is_empty() && self.frames.capacity() > 64 {
             self.frames = VecDeque::new();
         }
+        done
     }
 }
 
@@ -164,8 +236,12 @@ pub(crate) struct Conn {
     pub(crate) lifecycle: Lifecycle,
     frames: RefCell<FrameReader>,
     out: RefCell<Outbox>,
-    writer_waker: Cell<Option<Waker>>,
+    pub(crate) writer_waker: Rc<WakerSlot>,
     reader_waker: Cell<Option<Waker>>,
+    pub(crate) state: RefCell<SessionState>,
+    pub(crate) sub: RefCell<Option<Subscription>>,
+    pub(crate) rates: crate::protocol::Rates,
+    pub(crate) connected_at: Instant,
     /// A Close frame is queued; nothing more is sent after it.
     close_queued: Cell<bool>,
     /// The reader is done; the writer flushes and ends.
@@ -185,8 +261,12 @@ impl Conn {
             lifecycle: Lifecycle::new(Phase::Validating),
             frames: RefCell::new(FrameReader::new(max_message)),
             out: RefCell::new(Outbox::default()),
-            writer_waker: Cell::new(None),
+            writer_waker: Rc::new(WakerSlot::default()),
             reader_waker: Cell::new(None),
+            state: RefCell::new(SessionState::default()),
+            sub: RefCell::new(None),
+            rates: crate::protocol::Rates::default(),
+            connected_at: now,
             close_queued: Cell::new(false),
             reading_done: Cell::new(false),
             last_rx: Cell::new(now),
@@ -196,9 +276,7 @@ impl Conn {
     }
 
     fn wake_writer(&self) {
-        if let Some(w) = self.writer_waker.take() {
-            w.wake();
-        }
+        self.writer_waker.wake();
     }
 
     fn wake_reader(&self) {
@@ -434,10 +512,62 @@ impl Conn {
             if written == 0 && self.out.borrow().bytes > 0 {
                 continue;
             }
-            self.out.borrow_mut().advance(written);
+            let frames = self.out.borrow_mut().advance(written);
+            ctx.stats().frames_out.fetch_add(frames, Relaxed);
         }
         self.wake_reader();
         Ok(())
+    }
+
+    /// The send path of broadcasts, and the one place the gate is applied:
+    /// moves frames from the document's rings into the write queue (shared
+    /// `Rc`s, no copy), up to [`REFILL_BYTES`] queued, skipping the session's
+    /// own broadcasts. A cursor the ring has overtaken becomes a `lagged`
+    /// notice at that point of the stream (operations) or is silently moved
+    /// ahead (presence).
+    fn refill(&self, ctx: &CoreCtx) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.close_queued.get() {
+            return;
+        }
+        let mut sub = self.sub.borrow_mut();
+        let Some(sub) = sub.as_mut() else { return };
+        if !self.state.borrow().gate_open() {
+            // Not delivered, and not kept either.
+            sub.ops_cursor = sub.hub.ops.head();
+            sub.presence_cursor = sub.hub.presence.head();
+            return;
+        }
+        let me = self.info.id;
+        let mut delivered = 0;
+        while self.out.borrow().bytes < REFILL_BYTES {
+            match sub.hub.ops.read(&mut sub.ops_cursor) {
+                (Read::Entry(_), Some(e)) => {
+                    if e.origin != me {
+                        self.push(ctx, e.frame);
+                        delivered += 1;
+                    }
+                }
+                (Read::Lagged { from, to }, _) => {
+                    ctx.stats().lagged.fetch_add(1, Relaxed);
+                    self.push(ctx, crate::protocol::lagged(from, to));
+                }
+                _ => break,
+            }
+        }
+        while self.out.borrow().bytes < REFILL_BYTES {
+            match sub.hub.presence.read(&mut sub.presence_cursor) {
+                (Read::Entry(_), Some(e)) => {
+                    if e.origin != me {
+                        self.push(ctx, e.frame);
+                        delivered += 1;
+                    }
+                }
+                (Read::Lagged { .. }, _) => {} // overtaken presence is dropped
+                _ => break,
+            }
+        }
+        ctx.stats().deliveries.fetch_add(delivered, Relaxed);
     }
 
     /// The writer task: drains the queue whenever it has frames, half-closes
@@ -446,14 +576,16 @@ impl Conn {
         let mut shut_write = false;
         loop {
             poll_fn(|cx| {
-                if self.out.borrow().bytes > 0 || self.reading_done.get() {
+                let broadcasts = self.sub.borrow().as_ref().is_some_and(Subscription::pending);
+                if self.out.borrow().bytes > 0 || self.reading_done.get() || broadcasts {
                     Poll::Ready(())
                 } else {
-                    self.writer_waker.set(Some(cx.waker().clone()));
+                    self.writer_waker.set(cx.waker());
                     Poll::Pending
                 }
             })
             .await;
+            self.refill(ctx);
             if let Err(e) = self.flush(ctx).await {
                 debug!(error = %e, "write failed");
                 self.reading_done.set(true);
@@ -496,6 +628,8 @@ impl Drop for Disconnect<'_> {
     fn drop(&mut self) {
         let conn = self.conn;
         conn.reading_done.set(true);
+        // A joined session leaves its document (user_left to the others).
+        crate::protocol::leave(self.ctx, conn);
         if conn.lifecycle.get() != Phase::Disconnected {
             let _ = conn.lifecycle.advance(Phase::Disconnected);
         }

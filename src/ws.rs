@@ -390,6 +390,11 @@ impl OutFrame {
     pub fn bytes(&self) -> &[u8] {
         &self.buf[self.start..]
     }
+
+    /// The payload alone (for a broadcast: its JSON, reused by `sync_response`).
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[HEADROOM..]
+    }
 }
 
 #[cfg(test)]
