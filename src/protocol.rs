@@ -84,20 +84,26 @@ impl ClientType {
 /// A client message with its fields still as raw JSON.
 #[derive(Debug, Deserialize)]
 pub struct Envelope<'a> {
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
     pub kind: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pub token: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pub since: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pub payload: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pub client_op_id: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pub seq: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pub state: Option<&'a RawValue>,
+}
+
+/// A field that is present, `null` included (plain `Option` would read a
+/// JSON `null` as absent, but `"payload": null` is a payload like any other).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses a message's shape and type: check 1 (`BAD_MESSAGE`) and check 2
@@ -300,7 +306,7 @@ fn authenticate(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), St
         Ok(identity) => {
             let color =
                 conn.info.color.clone().unwrap_or_else(|| crate::auth::palette_color(&identity.user_id).to_string());
-            let session_id = session_id(conn.info.id);
+            let session_id = session_id(ctx.session_nonce, conn.info.id);
             let reply = serde_json::json!({
                 "type": "auth_result", "success": true,
                 "user_id": &identity.user_id, "user_name": &identity.user_name,
@@ -334,11 +340,9 @@ fn authenticate(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), St
     Ok(())
 }
 
-/// A session id unique across connections and relay restarts.
-fn session_id(connection_id: u64) -> String {
-    use std::hash::BuildHasher;
-    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let nonce = *NONCE.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
+/// A session id unique across connections, relays and restarts: a random
+/// nonce drawn when the relay started, and the connection id.
+fn session_id(nonce: u64, connection_id: u64) -> String {
     format!("{nonce:016x}-{connection_id:x}")
 }
 
@@ -529,6 +533,14 @@ mod tests {
         assert_eq!(code(br#"{"type":"ping""#), Err(ErrorCode::BadMessage));
         assert_eq!(code(br#"{"type":"dance"}"#), Err(ErrorCode::UnknownType));
         assert_eq!(code(br#" {"type":"operation","payload":{"a":[1,2]}}"#), Ok(ClientType::Operation));
+    }
+
+    #[test]
+    fn null_is_a_present_value() {
+        let (_, env) = parse(br#"{"type":"operation","payload":null}"#).unwrap();
+        assert_eq!(env.payload.map(|p| p.get()), Some("null"));
+        let (_, env) = parse(br#"{"type":"operation"}"#).unwrap();
+        assert!(env.payload.is_none());
     }
 
     #[test]

@@ -177,6 +177,12 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
         warn!("auth.mode = \"dev\": any non-empty token is accepted; do not use in production");
     }
     let auth = Arc::new(crate::auth::Authenticator::from_config(&config)?);
+    let session_nonce = {
+        use std::hash::BuildHasher;
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nth = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::collections::hash_map::RandomState::new().hash_one((std::time::SystemTime::now(), std::process::id(), nth))
+    };
     let addr = probe_address(config.listen)?;
 
     let cores = cpus.len();
@@ -198,6 +204,7 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
             rx,
             validator: options.validator.clone(),
             auth: auth.clone(),
+            session_nonce,
             ready: ready_tx.clone(),
         };
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -285,6 +292,7 @@ struct CoreSetup {
     rx: flume::Receiver<CoreMsg>,
     validator: Option<Arc<dyn ConnectionValidator>>,
     auth: Arc<Authenticator>,
+    session_nonce: u64,
     ready: std::sync::mpsc::Sender<(usize, Result<(), std::io::Error>)>,
 }
 
@@ -295,6 +303,8 @@ pub(crate) struct CoreCtx {
     pub(crate) registry: Arc<ConnectionManager>,
     validator: Option<Arc<dyn ConnectionValidator>>,
     pub(crate) auth: Arc<Authenticator>,
+    /// Drawn at start; makes `session_id`s unique across relays and restarts.
+    pub(crate) session_nonce: u64,
     verdicts: Rc<Verdicts>,
     /// The documents this core owns, loaded on first join.
     documents: RefCell<HashMap<Box<str>, Rc<DocumentHub>>>,
@@ -416,6 +426,7 @@ async fn core_main(setup: CoreSetup) {
         registry: setup.registry,
         validator: setup.validator,
         auth: setup.auth,
+        session_nonce: setup.session_nonce,
         documents: RefCell::new(HashMap::new()),
         peers: setup.peers,
         scratch: RefCell::new(vec![0; SCRATCH_BYTES]),

@@ -291,8 +291,15 @@ impl Conn {
         if self.close_queued.get() {
             return false;
         }
+        // Replies to the client's own requests are bounded by reading: the
+        // reader stops while the queue is over the limit. What overflows is
+        // many small frames queued faster than the client reads (e.g. pongs
+        // for a flood of pings). A single frame larger than the limit (a big
+        // sync_response, a big echo) is let through: it cannot be made smaller.
         let queued = self.out.borrow().bytes;
-        if queued > 0 && queued + frame.bytes().len() > 2 * ctx.config.limits.max_send_buffer_bytes {
+        let len = frame.bytes().len();
+        let limit = ctx.config.limits.max_send_buffer_bytes;
+        if queued > 0 && len <= limit && queued + len > 2 * limit {
             self.begin_close(ctx, close::POLICY, "send buffer overflow");
             return false;
         }
@@ -429,14 +436,19 @@ impl Conn {
                 }
             })
             .await;
-            if !more {
-                if self.reading_done.get() && self.close_queued.get() {
-                    // We failed the connection: linger until the peer closes or
-                    // the close timeout, discarding what it still sends.
-                    self.drain_until_eof(ctx).await;
-                }
-                return;
+            if more {
+                // Let the writers (ours and the document's other subscribers)
+                // run before the next read: a client that sends a burst must
+                // not starve the readers of its own operations.
+                futures_lite::future::yield_now().await;
+                continue;
             }
+            if self.reading_done.get() && self.close_queued.get() {
+                // We failed the connection: linger until the peer closes or
+                // the close timeout, discarding what it still sends.
+                self.drain_until_eof(ctx).await;
+            }
+            return;
         }
     }
 
@@ -576,7 +588,10 @@ impl Conn {
         let mut shut_write = false;
         loop {
             poll_fn(|cx| {
-                let broadcasts = self.sub.borrow().as_ref().is_some_and(Subscription::pending);
+                // While closing, broadcasts are no longer delivered (refill
+                // skips them), so they must not count as work either.
+                let broadcasts =
+                    !self.close_queued.get() && self.sub.borrow().as_ref().is_some_and(Subscription::pending);
                 if self.out.borrow().bytes > 0 || self.reading_done.get() || broadcasts {
                     Poll::Ready(())
                 } else {
