@@ -40,6 +40,12 @@ pub const MIN_MEMLOCK_BYTES: u64 = 512 * 1024;
 /// Registered io_uring buffer memory per executor: the relay does no file DMA.
 const IO_MEMORY: usize = 64 * 1024;
 
+/// How long the executor runs tasks before it reaps io_uring completions
+/// again. glommio polls for I/O only when its run queue is empty or this timer
+/// fires (default 100 ms); under sustained load the queue never empties, so
+/// this bounds how long a ready socket can wait to be noticed.
+pub const PREEMPT_TIMER: Duration = Duration::from_micros(500);
+
 /// Per-core read buffer shared by all sessions of the core.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -170,6 +176,7 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
     config.validate()?;
     let cpus = config.cores.resolve()?;
     check_memlock()?;
+    raise_nofile_limit(config.limits.max_connections);
     if config.auth.mode == AuthMode::Dev {
         if !config.listen.ip().is_loopback() && !options.allow_insecure {
             return Err(StartError::InsecureDevAuth { addr: config.listen });
@@ -210,6 +217,7 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("docrelay-core{index}"))
             .io_memory(IO_MEMORY)
+            .preempt_timer(PREEMPT_TIMER)
             .spawn(move || core_main(setup));
         match spawned {
             Ok(t) => threads.push(t),
@@ -259,6 +267,29 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
     info!(cores = cores, cpus = ?cpus, "listening on {addr}");
     handle.addr = addr;
     Ok(handle)
+}
+
+/// Raises the soft limit on open files to the hard limit (each connection is
+/// one descriptor), and warns when even that is below `max_connections`.
+fn raise_nofile_limit(max_connections: usize) {
+    // SAFETY: getrlimit/setrlimit(2) on this process with a struct we own.
+    let lim = unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        lim
+    };
+    if lim.rlim_cur != libc::RLIM_INFINITY && (lim.rlim_cur as usize) < max_connections + 64 {
+        warn!(
+            open_files = lim.rlim_cur,
+            max_connections, "the open-file limit (ulimit -n) is below limits.max_connections; raise it"
+        );
+    }
 }
 
 /// Refuses to start when io_uring would not get the locked memory it needs.

@@ -89,12 +89,18 @@ struct Args {
     /// Connection attempts in flight at once (storm, idle and set-up).
     #[arg(long, default_value_t = 512)]
     concurrency: usize,
+    /// Microseconds the generator polls before it sleeps (0: sleep at once).
+    #[arg(long, default_value_t = 0)]
+    spin_us: u64,
     /// Pin the load generator to this CPU.
     #[arg(long)]
     cpu: Option<usize>,
     /// The relay's process id, for its CPU% and memory from /proc.
     #[arg(long)]
     relay_pid: Option<u32>,
+    /// The CPUs the server is pinned to, for their busy share from /proc/stat.
+    #[arg(long, value_delimiter = ',')]
+    relay_cpus: Vec<usize>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -109,6 +115,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     raise_nofile_limit();
+    let spin_us = args.spin_us;
     let placement = match args.cpu {
         Some(cpu) => Placement::Fixed(cpu),
         None => Placement::Unbound,
@@ -116,6 +123,10 @@ fn main() {
     let handle = LocalExecutorBuilder::new(placement)
         .name("docrelay-load")
         .io_memory(64 * 1024)
+        // Reap socket readiness at least this often while busy (see the relay's
+        // runtime::PREEMPT_TIMER): otherwise latency is measured in queue time.
+        .preempt_timer(docrelay::runtime::PREEMPT_TIMER)
+        .spin_before_park(Duration::from_micros(spin_us))
         .spawn(move || async move {
             match args.mode {
                 Mode::Run => run_mode(args).await,
@@ -164,6 +175,9 @@ struct Shared {
     /// Only deliveries of operations sent at or after this time (ns since
     /// `base`) are recorded, so warm-up traffic does not count.
     record_from: Cell<u64>,
+    record_until: Cell<u64>,
+    /// Operations sent inside the window.
+    window_ops: Cell<u64>,
     /// Read buffer shared by every connection (only borrowed inside a poll).
     scratch: RefCell<Vec<u8>>,
     /// Senders: operations per second each, 0 = paused.
@@ -346,7 +360,6 @@ impl Reader {
         }
         let Some(seq) = number_after(json, br#""seq":"#) else { return };
         let stats = &shared.stats;
-        stats.deliveries.set(stats.deliveries.get() + 1);
         if self.next_seq != 0 {
             if seq < self.next_seq {
                 stats.out_of_order.set(stats.out_of_order.get() + 1);
@@ -356,8 +369,11 @@ impl Reader {
         }
         self.lag_announced = false;
         self.next_seq = seq + 1;
+        // Only operations sent inside the measurement window count, so the
+        // delivery ratio compares like with like.
         if let Some(t) = number_after(json, br#"{"t":"#) {
-            if t >= shared.record_from.get() {
+            if t >= shared.record_from.get() && t < shared.record_until.get() {
+                stats.deliveries.set(stats.deliveries.get() + 1);
                 let micros = shared.now_ns().saturating_sub(t) / 1000;
                 let _ = shared.latency.borrow_mut().record(micros.max(1));
             }
@@ -506,7 +522,11 @@ async fn sender(shared: Rc<Shared>, stream: Rc<RefCell<TcpStream>>, outstanding:
         out.clear();
         for _ in 0..count {
             payload.clear();
-            let _ = write!(payload, r#"{{"type":"operation","payload":{{"t":{}"#, shared.now_ns());
+            let t = shared.now_ns();
+            if t >= shared.record_from.get() && t < shared.record_until.get() {
+                shared.window_ops.set(shared.window_ops.get() + 1);
+            }
+            let _ = write!(payload, r#"{{"type":"operation","payload":{{"t":{t}"#);
             payload.extend_from_slice(&shared.pad);
             client_frame(&mut out, &payload);
         }
@@ -536,6 +556,42 @@ fn proc_rss_kib(pid: u32) -> Option<u64> {
 fn clk_tck() -> f64 {
     // SAFETY: sysconf reads a constant.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// Busy time of some CPUs over a window (everything but idle and iowait;
+/// glommio's io_uring wait shows as iowait), in percent of one CPU each.
+struct BusyMeter {
+    cpus: Vec<usize>,
+    start: Vec<(u64, u64)>,
+}
+
+fn cpu_times(cpu: usize) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with(&format!("cpu{cpu} ")))?;
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4)?;
+    Some((total, idle))
+}
+
+impl BusyMeter {
+    fn start(cpus: &[usize]) -> Option<BusyMeter> {
+        if cpus.is_empty() {
+            return None;
+        }
+        let start = cpus.iter().map(|&c| cpu_times(c)).collect::<Option<Vec<_>>>()?;
+        Some(BusyMeter { cpus: cpus.to_vec(), start })
+    }
+    /// Average busy percent over the CPUs.
+    fn percent(&self) -> Option<f64> {
+        let mut sum = 0.0;
+        for (c, (t0, i0)) in self.cpus.iter().zip(&self.start) {
+            let (t1, i1) = cpu_times(*c)?;
+            let dt = (t1 - t0).max(1) as f64;
+            sum += 100.0 * (dt - (i1 - i0) as f64) / dt;
+        }
+        Some(sum / self.cpus.len() as f64)
+    }
 }
 
 /// CPU use of a process over a window, in percent of one CPU.
@@ -570,6 +626,8 @@ fn make_shared(args: Args) -> Rc<Shared> {
         stats: Stats::default(),
         latency: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
         record_from: Cell::new(u64::MAX),
+        record_until: Cell::new(u64::MAX),
+        window_ops: Cell::new(0),
         scratch: RefCell::new(vec![0; 64 * 1024]),
         rate_per_sender: Cell::new(0.0),
         sending: Cell::new(false),
@@ -637,6 +695,9 @@ struct Step {
     out_of_order: u64,
     relay_cpu: Option<f64>,
     load_cpu: Option<f64>,
+    /// Busy share of the server's CPUs from /proc/stat (softirq included).
+    relay_busy: Option<f64>,
+    load_busy: Option<f64>,
     secs: f64,
 }
 
@@ -644,7 +705,7 @@ impl Step {
     fn json(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
         format!(
-            r#"{{"rate":{:.0},"ops":{},"acks":{},"deliveries":{},"expected":{},"delivery_ratio":{:.4},"deliveries_per_sec":{:.0},"p50_us":{},"p99_us":{},"p999_us":{},"max_us":{},"lagged":{},"gaps":{},"out_of_order":{},"relay_cpu_pct":{},"load_cpu_pct":{},"secs":{:.2}}}"#,
+            r#"{{"rate":{:.0},"ops":{},"acks":{},"deliveries":{},"expected":{},"delivery_ratio":{:.4},"deliveries_per_sec":{:.0},"p50_us":{},"p99_us":{},"p999_us":{},"max_us":{},"lagged":{},"gaps":{},"out_of_order":{},"relay_cpu_pct":{},"load_cpu_pct":{},"relay_cpus_busy_pct":{},"load_cpu_busy_pct":{},"secs":{:.2}}}"#,
             self.rate,
             self.ops,
             self.acks,
@@ -661,6 +722,8 @@ impl Step {
             self.out_of_order,
             opt(self.relay_cpu),
             opt(self.load_cpu),
+            opt(self.relay_busy),
+            opt(self.load_busy),
             self.secs
         )
     }
@@ -668,7 +731,7 @@ impl Step {
     fn row(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}%"));
         format!(
-            "{:>10.0} {:>12.0} {:>8.2}% {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>7} {:>7}",
+            "{:>10.0} {:>12.0} {:>8.2}% {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>7} {:>7} {:>7} {:>7}",
             self.rate,
             self.deliveries_per_sec,
             self.delivery_ratio * 100.0,
@@ -679,7 +742,9 @@ impl Step {
             self.lagged,
             self.gaps,
             opt(self.relay_cpu),
-            opt(self.load_cpu)
+            opt(self.relay_busy),
+            opt(self.load_cpu),
+            opt(self.load_busy)
         )
     }
 }
@@ -701,15 +766,23 @@ async fn measure(shared: &Rc<Shared>, rate: f64, per_op_fanout: u64) -> Step {
     let (ops0, acks0, del0, lag0, gap0, ooo0) =
         (s.ops_sent.get(), s.acks.get(), s.deliveries.get(), s.lagged.get(), s.gaps.get(), s.out_of_order.get());
     shared.latency.borrow_mut().reset();
+    shared.window_ops.set(0);
+    shared.record_until.set(u64::MAX);
     shared.record_from.set(shared.now_ns());
     let relay = args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
     let me = CpuMeter::start("self");
+    let relay_busy = BusyMeter::start(&args.relay_cpus);
+    let load_busy = args.cpu.and_then(|c| BusyMeter::start(&[c]));
     let start = Instant::now();
     sleep(Duration::from_secs_f64(args.duration)).await;
+    shared.record_until.set(shared.now_ns());
     let secs = start.elapsed().as_secs_f64();
     let relay_cpu = relay.and_then(|m| m.percent());
     let load_cpu = me.and_then(|m| m.percent());
-    let ops = s.ops_sent.get() - ops0;
+    let relay_busy = relay_busy.and_then(|m| m.percent());
+    let load_busy = load_busy.and_then(|m| m.percent());
+    let _ = s.ops_sent.get() - ops0;
+    let ops = shared.window_ops.get();
     shared.sending.set(false);
     shared.wake_senders();
     // Stragglers: deliveries of operations sent in the window.
@@ -746,6 +819,8 @@ async fn measure(shared: &Rc<Shared>, rate: f64, per_op_fanout: u64) -> Step {
         out_of_order: s.out_of_order.get() - ooo0,
         relay_cpu,
         load_cpu,
+        relay_busy,
+        load_busy,
         secs,
     }
 }
