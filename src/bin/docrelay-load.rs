@@ -7,26 +7,25 @@
 //! subscriber, and records end-to-end latency (the send time travels inside
 //! the payload) in an HDR histogram.
 //!
-//! It must cost less CPU per delivery than the relay it measures, so it runs
-//! on one glommio executor (one thread, pinned with `--cpu`), reads with 64 KiB
-//! reads into one shared buffer, finds the few fields it needs by position
-//! instead of parsing JSON, and sends unmasked-equivalent frames (an all-zero
-//! mask key, so masking costs nothing).
+//! It must cost less CPU per delivery than the relay it measures, so it is one
+//! thread (pinned with `--cpu`) running a level-triggered epoll loop over
+//! non-blocking sockets: one `recv` of up to 64 KiB per readiness event into
+//! one shared buffer, the few fields it needs found by position instead of by
+//! parsing JSON, and client frames with an all-zero mask key (masking is then
+//! free). epoll rather than io_uring poll on purpose: on loopback the server's
+//! send runs the receiver's wake-up in the server's own context, and an
+//! io_uring poll completion queues task work and kicks the generator's CPU for
+//! every delivery, a cost the server would be charged for; a socket becoming
+//! ready on a busy epoll loop only joins its ready list.
 
-use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
-use glommio::timer::sleep;
-use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,9 +88,6 @@ struct Args {
     /// Connection attempts in flight at once (storm, idle and set-up).
     #[arg(long, default_value_t = 512)]
     concurrency: usize,
-    /// Microseconds the generator polls before it sleeps (0: sleep at once).
-    #[arg(long, default_value_t = 0)]
-    spin_us: u64,
     /// Pin the load generator to this CPU.
     #[arg(long)]
     cpu: Option<usize>,
@@ -115,29 +111,13 @@ struct Args {
 fn main() {
     let args = Args::parse();
     raise_nofile_limit();
-    let spin_us = args.spin_us;
-    let placement = match args.cpu {
-        Some(cpu) => Placement::Fixed(cpu),
-        None => Placement::Unbound,
-    };
-    let handle = LocalExecutorBuilder::new(placement)
-        .name("docrelay-load")
-        .io_memory(64 * 1024)
-        // Reap socket readiness at least this often while busy (see the relay's
-        // runtime::PREEMPT_TIMER): otherwise latency is measured in queue time.
-        .preempt_timer(docrelay::runtime::PREEMPT_TIMER)
-        .spin_before_park(Duration::from_micros(spin_us))
-        .spawn(move || async move {
-            match args.mode {
-                Mode::Run => run_mode(args).await,
-                Mode::Storm => storm_mode(args).await,
-                Mode::Idle => idle_mode(args).await,
-            }
-        })
-        .expect("start the executor (is `ulimit -l` at least 512 KiB?)");
-    if let Err(e) = handle.join() {
-        eprintln!("docrelay-load: {e}");
-        std::process::exit(1);
+    if let Some(cpu) = args.cpu {
+        pin_to(cpu);
+    }
+    match args.mode {
+        Mode::Run => run_mode(args),
+        Mode::Storm => storm_mode(args),
+        Mode::Idle => idle_mode(args),
     }
 }
 
@@ -148,104 +128,6 @@ fn raise_nofile_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Measurements shared by every client of the executor (one thread: Cell/RefCell).
-
-#[derive(Default)]
-struct Stats {
-    deliveries: Cell<u64>,
-    ops_sent: Cell<u64>,
-    acks: Cell<u64>,
-    lagged: Cell<u64>,
-    gaps: Cell<u64>,
-    out_of_order: Cell<u64>,
-    errors: Cell<u64>,
-    closed: Cell<u64>,
-}
-
-struct Shared {
-    args: Args,
-    base: Instant,
-    stats: Stats,
-    latency: RefCell<Histogram<u64>>,
-    /// Only deliveries of operations sent at or after this time (ns since
-    /// `base`) are recorded, so warm-up traffic does not count.
-    record_from: Cell<u64>,
-    record_until: Cell<u64>,
-    /// Operations sent inside the window.
-    window_ops: Cell<u64>,
-    /// Read buffer shared by every connection (only borrowed inside a poll).
-    scratch: RefCell<Vec<u8>>,
-    /// Senders: operations per second each, 0 = paused.
-    rate_per_sender: Cell<f64>,
-    sending: Cell<bool>,
-    ready: Cell<usize>,
-    failed: Cell<usize>,
-    /// The payload after the timestamp: `,"p":"xxx…"}`.
-    pad: Vec<u8>,
-    sender_wakers: RefCell<Vec<Waker>>,
-}
-
-impl Shared {
-    fn now_ns(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
-    }
-    fn wake_senders(&self) {
-        for w in self.sender_wakers.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// WebSocket client plumbing.
-
-/// A client frame with an all-zero mask key (valid RFC 6455; XOR is a no-op).
-fn client_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.push(0x81);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
-}
-
-async fn connect(addr: SocketAddr, doc: &str) -> std::io::Result<(TcpStream, Vec<u8>)> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| std::io::Error::other(e.to_string()))?;
-    stream.set_nodelay(true).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let req = format!(
-        "GET /ws/documents/{doc} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await?;
-    let mut buf = vec![0u8; 4096];
-    let mut filled = 0;
-    loop {
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            return Err(std::io::Error::other("closed during the upgrade"));
-        }
-        filled += n;
-        if let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
-            if !buf.starts_with(b"HTTP/1.1 101") {
-                return Err(std::io::Error::other(String::from_utf8_lossy(&buf[..end]).into_owned()));
-            }
-            return Ok((stream, buf[end + 4..filled].to_vec()));
-        }
-        if filled == buf.len() {
-            return Err(std::io::Error::other("upgrade response too long"));
         }
     }
 }
@@ -280,78 +162,362 @@ fn number_after(json: &[u8], key: &[u8]) -> Option<u64> {
     any.then_some(v)
 }
 
-/// Writes all of `buf` to a stream shared by a client's reader and sender,
-/// borrowing it only inside each poll (never across an await).
-async fn write_shared(stream: &RefCell<TcpStream>, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        let n =
-            poll_fn(|cx| futures_lite::AsyncWrite::poll_write(Pin::new(&mut *stream.borrow_mut()), cx, buf)).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+// ---------------------------------------------------------------------------
+// The event loop: level-triggered epoll over non-blocking sockets.
+
+/// The wire bytes after the timestamp of every operation's payload.
+fn make_pad(payload: usize) -> Vec<u8> {
+    let pad_len = payload.saturating_sub(30);
+    let mut pad = Vec::with_capacity(pad_len + 12);
+    pad.extend_from_slice(br#","p":""#);
+    pad.resize(pad.len() + pad_len, b'x');
+    pad.extend_from_slice(br#""}}"#);
+    pad
+}
+
+/// A client frame with an all-zero mask key (valid RFC 6455; XOR is a no-op).
+fn client_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.push(0x81);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
         }
-        buf = &buf[n..];
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
     }
-    Ok(())
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
 }
 
-/// What a client is waiting for.
+#[derive(Default)]
+struct Stats {
+    deliveries: u64,
+    ops_sent: u64,
+    acks: u64,
+    lagged: u64,
+    gaps: u64,
+    out_of_order: u64,
+    errors: u64,
+    closed: u64,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Await {
-    AuthResult,
-    Joined,
+enum State {
+    Connecting,
+    Upgrading,
+    AwaitAuth,
+    AwaitJoin,
     Streaming,
+    Dead,
 }
 
-/// One client's reading state.
-struct Reader {
+/// One client connection.
+struct Client {
+    fd: RawFd,
+    state: State,
+    is_sender: bool,
+    doc: usize,
+    /// Bytes of an incomplete frame (or of the HTTP head) carried between reads.
     pending: Vec<u8>,
-    awaiting: Await,
-    /// The next seq this client expects (subscribers; 0 = not known yet).
+    /// Bytes waiting for the socket to take them.
+    out: Vec<u8>,
+    out_at: usize,
+    want_write: bool,
     next_seq: u64,
     lag_announced: bool,
-    is_sender: bool,
-    outstanding: Rc<Cell<usize>>,
+    outstanding: usize,
+    /// Open loop: operations sent since `rate_epoch`.
+    sent: u64,
 }
 
-impl Reader {
-    /// Handles every complete frame in `data`; returns false when the relay closed.
-    fn handle(&mut self, shared: &Shared, data: &[u8], pongs: &mut Vec<u8>) -> bool {
-        let mut buf: &[u8] = if self.pending.is_empty() { data } else { &[] };
-        let owned;
-        if !self.pending.is_empty() {
-            self.pending.extend_from_slice(data);
-            owned = std::mem::take(&mut self.pending);
-            buf = &owned;
+/// Everything the measurement needs, on one thread.
+struct Engine {
+    args: Args,
+    epfd: RawFd,
+    clients: Vec<Client>,
+    senders: Vec<usize>,
+    docs: Vec<String>,
+    base: Instant,
+    stats: Stats,
+    latency: Histogram<u64>,
+    record_from: u64,
+    record_until: u64,
+    window_ops: u64,
+    scratch: Vec<u8>,
+    pad: Vec<u8>,
+    payload: Vec<u8>,
+    sending: bool,
+    rate_per_sender: f64,
+    rate_epoch: Instant,
+    /// Open-loop schedule: (next due time in ns since base, sender index).
+    schedule: BinaryHeap<Reverse<(u64, usize)>>,
+    ready: usize,
+    failed: usize,
+    connecting: usize,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+impl Engine {
+    fn new(args: Args) -> Engine {
+        // SAFETY: epoll_create1 returns a new fd we own (closed at exit).
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epfd >= 0, "epoll_create1: {}", std::io::Error::last_os_error());
+        let pad = make_pad(args.payload);
+        Engine {
+            epfd,
+            clients: Vec::new(),
+            senders: Vec::new(),
+            docs: Vec::new(),
+            base: Instant::now(),
+            stats: Stats::default(),
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            record_from: u64::MAX,
+            record_until: u64::MAX,
+            window_ops: 0,
+            scratch: vec![0; 64 * 1024],
+            payload: Vec::with_capacity(args.payload + 64),
+            pad,
+            sending: false,
+            rate_per_sender: 0.0,
+            rate_epoch: Instant::now(),
+            schedule: BinaryHeap::new(),
+            ready: 0,
+            failed: 0,
+            connecting: 0,
+            args,
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    fn ctl(&self, op: i32, idx: usize, events: u32) {
+        let mut ev = libc::epoll_event { events, u64: idx as u64 };
+        // SAFETY: epoll_ctl on our epoll fd and a socket fd we own.
+        unsafe { libc::epoll_ctl(self.epfd, op, self.clients[idx].fd, &mut ev) };
+    }
+
+    /// Starts a non-blocking connect for a new client.
+    fn open(&mut self, doc: usize, is_sender: bool) {
+        let addr = self.args.addr;
+        // SAFETY: plain socket setup on a fresh fd we own; sockaddr_in is
+        // plain data filled field by field.
+        let fd = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                self.failed += 1;
+                return;
+            }
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+            let SocketAddr::V4(v4) = addr else { panic!("IPv4 addresses only") };
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as u16;
+            sa.sin_port = v4.port().to_be();
+            sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+            let rc = libc::connect(
+                fd,
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            if rc < 0 && errno() != libc::EINPROGRESS {
+                libc::close(fd);
+                self.failed += 1;
+                return;
+            }
+            fd
+        };
+        let idx = self.clients.len();
+        self.clients.push(Client {
+            fd,
+            state: State::Connecting,
+            is_sender,
+            doc,
+            pending: Vec::new(),
+            out: Vec::new(),
+            out_at: 0,
+            want_write: true,
+            next_seq: 0,
+            lag_announced: false,
+            outstanding: 0,
+            sent: 0,
+        });
+        if is_sender {
+            self.senders.push(idx);
+        }
+        self.connecting += 1;
+        self.ctl(libc::EPOLL_CTL_ADD, idx, (libc::EPOLLIN | libc::EPOLLOUT) as u32);
+    }
+
+    fn kill(&mut self, idx: usize) {
+        let c = &mut self.clients[idx];
+        if c.state == State::Dead {
+            return;
+        }
+        if c.state != State::Streaming {
+            self.failed += 1;
+            self.connecting = self.connecting.saturating_sub(1);
+        } else {
+            self.stats.closed += 1;
+        }
+        c.state = State::Dead;
+        // SAFETY: closing a socket fd this client owns; it is not used again.
+        unsafe { libc::close(c.fd) };
+    }
+
+    /// Queues bytes and writes as much as the socket takes now.
+    fn send(&mut self, idx: usize, bytes: Option<&[u8]>) {
+        let c = &mut self.clients[idx];
+        if c.state == State::Dead {
+            return;
+        }
+        if let Some(b) = bytes {
+            c.out.extend_from_slice(b);
+        }
+        while c.out_at < c.out.len() {
+            let rest = &c.out[c.out_at..];
+            // SAFETY: send(2) reads `rest`, a live slice; the socket is non-blocking.
+            let n = unsafe {
+                libc::send(
+                    c.fd,
+                    rest.as_ptr() as *const libc::c_void,
+                    rest.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                c.out_at += n as usize;
+                continue;
+            }
+            if n < 0 && errno() == libc::EAGAIN {
+                break;
+            }
+            self.kill(idx);
+            return;
+        }
+        let drained = c.out_at == c.out.len();
+        if drained {
+            c.out.clear();
+            c.out_at = 0;
+        }
+        if drained == c.want_write {
+            c.want_write = !drained;
+            let ev = if drained { libc::EPOLLIN } else { libc::EPOLLIN | libc::EPOLLOUT };
+            self.ctl(libc::EPOLL_CTL_MOD, idx, ev as u32);
+        }
+    }
+
+    fn on_connected(&mut self, idx: usize) {
+        let fd = self.clients[idx].fd;
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as u32;
+        // SAFETY: getsockopt writes one int we own.
+        unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut err as *mut _ as *mut libc::c_void, &mut len)
+        };
+        if err != 0 {
+            self.kill(idx);
+            return;
+        }
+        let doc = &self.docs[self.clients[idx].doc];
+        let addr = self.args.addr;
+        let req = format!(
+            "GET /ws/documents/{doc} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        self.clients[idx].state = State::Upgrading;
+        self.send(idx, Some(req.as_bytes()));
+    }
+
+    fn on_readable(&mut self, idx: usize) {
+        let fd = self.clients[idx].fd;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // SAFETY: recv(2) into our buffer; non-blocking socket.
+        let n = unsafe { libc::recv(fd, scratch.as_mut_ptr() as *mut libc::c_void, scratch.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            self.handle_bytes(idx, &scratch[..n as usize]);
+        } else if n == 0 || errno() != libc::EAGAIN {
+            self.kill(idx);
+        }
+        self.scratch = scratch;
+    }
+
+    fn handle_bytes(&mut self, idx: usize, data: &[u8]) {
+        let mut pending = std::mem::take(&mut self.clients[idx].pending);
+        let buf: &[u8] = if pending.is_empty() {
+            data
+        } else {
+            pending.extend_from_slice(data);
+            &pending
+        };
         let mut pos = 0;
-        let mut open = true;
+        if self.clients[idx].state == State::Upgrading {
+            match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                Some(end) if buf.starts_with(b"HTTP/1.1 101") => {
+                    // Like a browser, speak only after the 101 (tungstenite's
+                    // server handshake refuses bytes sent behind the request).
+                    self.clients[idx].state = State::AwaitAuth;
+                    pos = end + 4;
+                    let mut hello = Vec::with_capacity(64);
+                    client_frame(&mut hello, format!(r#"{{"type":"authenticate","token":"u{idx}"}}"#).as_bytes());
+                    client_frame(&mut hello, br#"{"type":"join_document"}"#);
+                    self.send(idx, Some(&hello));
+                }
+                Some(_) => {
+                    if self.failed < 3 {
+                        eprintln!("upgrade refused: {}", String::from_utf8_lossy(&buf[..buf.len().min(200)]));
+                    }
+                    self.kill(idx);
+                    return;
+                }
+                None => {
+                    self.clients[idx].pending = buf.to_vec();
+                    return;
+                }
+            }
+        }
+        let mut pongs = Vec::new();
         while let Some((op, range)) = next_frame(&buf[pos..]) {
             let payload = &buf[pos + range.start..pos + range.end];
             pos += range.end;
             match op {
-                0x2 => self.broadcast(shared, payload),
-                0x1 => self.reply(shared, payload),
+                0x2 => self.broadcast(idx, payload),
+                0x1 => self.reply(idx, payload),
                 0x9 => {
-                    // Answer the relay's keep-alive Ping (masked Pong, zero key).
                     pongs.push(0x8a);
                     pongs.push(0x80 | payload.len().min(125) as u8);
                     pongs.extend_from_slice(&[0, 0, 0, 0]);
                     pongs.extend_from_slice(&payload[..payload.len().min(125)]);
                 }
                 0x8 => {
-                    open = false;
-                    break;
+                    self.kill(idx);
+                    return;
                 }
                 _ => {}
             }
         }
-        if open && pos < buf.len() {
-            self.pending = buf[pos..].to_vec();
+        let rest = buf[pos..].to_vec();
+        self.clients[idx].pending = rest;
+        if !pongs.is_empty() {
+            self.send(idx, Some(&pongs));
         }
-        open
     }
 
-    fn broadcast(&mut self, shared: &Shared, json: &[u8]) {
+    fn broadcast(&mut self, idx: usize, json: &[u8]) {
         // The relay puts "type" first; other servers may order keys differently.
         let is_op =
             json.starts_with(br#"{"type":"operation""#) || json.windows(18).any(|w| w == br#""type":"operation""#);
@@ -359,186 +525,191 @@ impl Reader {
             return; // presence
         }
         let Some(seq) = number_after(json, br#""seq":"#) else { return };
-        let stats = &shared.stats;
-        if self.next_seq != 0 {
-            if seq < self.next_seq {
-                stats.out_of_order.set(stats.out_of_order.get() + 1);
-            } else if seq > self.next_seq && !self.is_sender && !self.lag_announced {
-                stats.gaps.set(stats.gaps.get() + 1);
+        let c = &mut self.clients[idx];
+        if c.next_seq != 0 {
+            if seq < c.next_seq {
+                self.stats.out_of_order += 1;
+            } else if seq > c.next_seq && !c.is_sender && !c.lag_announced {
+                self.stats.gaps += 1;
             }
         }
-        self.lag_announced = false;
-        self.next_seq = seq + 1;
+        c.lag_announced = false;
+        c.next_seq = seq + 1;
         // Only operations sent inside the measurement window count, so the
         // delivery ratio compares like with like.
         if let Some(t) = number_after(json, br#"{"t":"#) {
-            if t >= shared.record_from.get() && t < shared.record_until.get() {
-                stats.deliveries.set(stats.deliveries.get() + 1);
-                let micros = shared.now_ns().saturating_sub(t) / 1000;
-                let _ = shared.latency.borrow_mut().record(micros.max(1));
+            if t >= self.record_from && t < self.record_until {
+                self.stats.deliveries += 1;
+                let micros = self.now_ns().saturating_sub(t) / 1000;
+                let _ = self.latency.record(micros.max(1));
             }
         }
     }
 
-    fn reply(&mut self, shared: &Shared, json: &[u8]) {
-        let stats = &shared.stats;
+    fn reply(&mut self, idx: usize, json: &[u8]) {
         if json.starts_with(br#"{"type":"ack""#)
             || json.starts_with(br#"{"client_op_id""#)
             || json.starts_with(br#"{"seq""#)
         {
-            stats.acks.set(stats.acks.get() + 1);
-            self.outstanding.set(self.outstanding.get().saturating_sub(1));
-            shared.wake_senders();
+            self.stats.acks += 1;
+            let c = &mut self.clients[idx];
+            c.outstanding = c.outstanding.saturating_sub(1);
+            if self.sending && self.args.window.is_some() {
+                self.send_ops(idx);
+            }
             return;
         }
         let kind = |t: &[u8]| json.windows(t.len()).any(|w| w == t);
+        let state = self.clients[idx].state;
         if kind(br#""lagged""#) {
-            stats.lagged.set(stats.lagged.get() + 1);
-            self.lag_announced = true;
-        } else if self.awaiting == Await::AuthResult && kind(br#""auth_result""#) {
-            self.awaiting = Await::Joined;
-        } else if self.awaiting == Await::Joined && kind(br#""joined_document""#) {
-            self.awaiting = Await::Streaming;
-            shared.ready.set(shared.ready.get() + 1);
+            self.stats.lagged += 1;
+            self.clients[idx].lag_announced = true;
+        } else if state == State::AwaitAuth && kind(br#""auth_result""#) {
+            self.clients[idx].state = State::AwaitJoin;
+        } else if state == State::AwaitJoin && kind(br#""joined_document""#) {
+            self.clients[idx].state = State::Streaming;
+            self.ready += 1;
+            self.connecting -= 1;
         } else if kind(br#""error""#) {
-            stats.errors.set(stats.errors.get() + 1);
+            self.stats.errors += 1;
         }
     }
-}
 
-/// One client: connect, authenticate, join, then read (and, for a sender,
-/// send) until the connection ends.
-async fn client(shared: Rc<Shared>, id: usize, doc: String, is_sender: bool) {
-    let (stream, leftover) = match connect(shared.args.addr, &doc).await {
-        Ok(s) => s,
-        Err(e) => {
-            if shared.failed.get() < 3 {
-                eprintln!("connect failed: {e}");
-            }
-            shared.failed.set(shared.failed.get() + 1);
+    /// Sends what is due: the window's free slots, or the open loop's
+    /// operations due since the rate epoch (all in one write).
+    fn send_ops(&mut self, idx: usize) {
+        if !self.sending || self.clients[idx].state != State::Streaming {
             return;
         }
-    };
-    let stream = Rc::new(RefCell::new(stream));
-    let mut hello = Vec::new();
-    client_frame(&mut hello, format!(r#"{{"type":"authenticate","token":"u{id}"}}"#).as_bytes());
-    client_frame(&mut hello, br#"{"type":"join_document"}"#);
-    if write_shared(&stream, &hello).await.is_err() {
-        shared.failed.set(shared.failed.get() + 1);
-        return;
-    }
-    let outstanding = Rc::new(Cell::new(0usize));
-    let mut reader = Reader {
-        pending: Vec::new(),
-        awaiting: Await::AuthResult,
-        next_seq: 0,
-        lag_announced: false,
-        is_sender,
-        outstanding: outstanding.clone(),
-    };
-    let mut pongs = Vec::new();
-    reader.handle(&shared, &leftover, &mut pongs);
-    if is_sender {
-        glommio::spawn_local(sender(shared.clone(), stream.clone(), outstanding)).detach();
-    }
-    loop {
-        let open = poll_fn(|cx| {
-            let mut scratch = shared.scratch.borrow_mut();
-            match Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch[..]) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(false),
-                Poll::Ready(Ok(n)) => Poll::Ready(reader.handle(&shared, &scratch[..n], &mut pongs)),
-            }
-        })
-        .await;
-        if !pongs.is_empty() {
-            let _ = write_shared(&stream, &pongs).await;
-            pongs.clear();
-        }
-        if !open {
-            shared.stats.closed.set(shared.stats.closed.get() + 1);
-            return;
-        }
-    }
-}
-
-/// A sender: open loop at the shared per-sender rate (operations due since
-/// the last wake-up go out in one write), or a window of unacked operations.
-async fn sender(shared: Rc<Shared>, stream: Rc<RefCell<TcpStream>>, outstanding: Rc<Cell<usize>>) {
-    let mut out = Vec::new();
-    let mut payload = Vec::with_capacity(shared.args.payload + 64);
-    let mut due_from = Instant::now();
-    let mut sent_since = 0u64;
-    let mut last_rate = 0.0;
-    loop {
-        if !shared.sending.get() {
-            poll_fn(|cx| {
-                if shared.sending.get() {
-                    Poll::Ready(())
-                } else {
-                    shared.sender_wakers.borrow_mut().push(cx.waker().clone());
-                    Poll::Pending
-                }
-            })
-            .await;
-            due_from = Instant::now();
-            sent_since = 0;
-        }
-        let count = match shared.args.window {
-            Some(w) => {
-                let free = w.saturating_sub(outstanding.get());
-                if free == 0 {
-                    poll_fn(|cx| {
-                        if outstanding.get() < w || !shared.sending.get() {
-                            Poll::Ready(())
-                        } else {
-                            shared.sender_wakers.borrow_mut().push(cx.waker().clone());
-                            Poll::Pending
-                        }
-                    })
-                    .await;
-                    continue;
-                }
-                free
-            }
+        let count = match self.args.window {
+            Some(w) => w.saturating_sub(self.clients[idx].outstanding),
             None => {
-                let rate = shared.rate_per_sender.get();
-                if rate != last_rate {
-                    last_rate = rate;
-                    due_from = Instant::now();
-                    sent_since = 0;
-                }
-                let due = (due_from.elapsed().as_secs_f64() * rate) as u64;
-                if due <= sent_since {
-                    let wait = ((sent_since + 1) as f64 / rate - due_from.elapsed().as_secs_f64()).max(0.0);
-                    sleep(Duration::from_secs_f64(wait.clamp(0.0005, 0.25))).await;
-                    continue;
-                }
-                let n = (due - sent_since).min(1024);
-                sent_since += n;
+                let due = (self.rate_epoch.elapsed().as_secs_f64() * self.rate_per_sender) as u64;
+                let c = &mut self.clients[idx];
+                let n = due.saturating_sub(c.sent).min(4096);
+                c.sent += n;
                 n as usize
             }
         };
-        out.clear();
-        for _ in 0..count {
-            payload.clear();
-            let t = shared.now_ns();
-            if t >= shared.record_from.get() && t < shared.record_until.get() {
-                shared.window_ops.set(shared.window_ops.get() + 1);
-            }
-            let _ = write!(payload, r#"{{"type":"operation","payload":{{"t":{t}"#);
-            payload.extend_from_slice(&shared.pad);
-            client_frame(&mut out, &payload);
-        }
-        outstanding.set(outstanding.get() + count);
-        shared.stats.ops_sent.set(shared.stats.ops_sent.get() + count as u64);
-        if write_shared(&stream, &out).await.is_err() {
+        if count == 0 {
             return;
         }
+        let mut out = Vec::with_capacity(count * (self.args.payload + 80));
+        for _ in 0..count {
+            let t = self.now_ns();
+            if t >= self.record_from && t < self.record_until {
+                self.window_ops += 1;
+            }
+            self.payload.clear();
+            let _ = write!(self.payload, r#"{{"type":"operation","payload":{{"t":{t}"#);
+            self.payload.extend_from_slice(&self.pad);
+            client_frame(&mut out, &self.payload);
+        }
+        self.stats.ops_sent += count as u64;
+        self.clients[idx].outstanding += count;
+        self.send(idx, Some(&out));
+    }
+
+    /// Starts (or changes) the load: every sender at `rate / senders` ops/s.
+    fn start_sending(&mut self, rate: f64) {
+        self.sending = true;
+        self.rate_per_sender = rate / self.senders.len().max(1) as f64;
+        self.rate_epoch = Instant::now();
+        self.schedule.clear();
+        let now = self.now_ns();
+        let senders = self.senders.clone();
+        for (i, idx) in senders.into_iter().enumerate() {
+            self.clients[idx].sent = 0;
+            if self.args.window.is_some() {
+                self.send_ops(idx);
+            } else {
+                // Spread the senders' first operations over one period.
+                let period = (1e9 / self.rate_per_sender.max(1e-9)) as u64;
+                let offset = period.saturating_mul(i as u64) / self.senders.len().max(1) as u64;
+                self.schedule.push(Reverse((now + offset.min(1_000_000_000), idx)));
+            }
+        }
+    }
+
+    fn stop_sending(&mut self) {
+        self.sending = false;
+        self.schedule.clear();
+    }
+
+    /// Runs the open-loop schedule: senders whose time has come send what
+    /// is due and are scheduled again one period (at least 200 us) later.
+    fn run_schedule(&mut self) -> Option<u64> {
+        if !self.sending || self.args.window.is_some() {
+            return None;
+        }
+        let period = ((1e9 / self.rate_per_sender.max(1e-9)) as u64).max(200_000);
+        let now = self.now_ns();
+        while let Some(&Reverse((due, idx))) = self.schedule.peek() {
+            if due > now {
+                return Some(due - now);
+            }
+            self.schedule.pop();
+            self.send_ops(idx);
+            self.schedule.push(Reverse((now + period, idx)));
+        }
+        None
+    }
+
+    /// The event loop, until `deadline` (or until `done` says so).
+    fn poll_until(&mut self, deadline: Instant, mut done: impl FnMut(&Engine) -> bool) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        while Instant::now() < deadline && !done(self) {
+            let next_send = self.run_schedule();
+            let until_deadline = deadline.saturating_duration_since(Instant::now());
+            let wait = next_send.map(Duration::from_nanos).unwrap_or(until_deadline).min(until_deadline);
+            let timeout_ms = if wait.is_zero() { 0 } else { (wait.as_micros().div_ceil(1000)).min(100) as i32 };
+            // SAFETY: epoll_wait fills up to events.len() entries of our buffer.
+            let n = unsafe { libc::epoll_wait(self.epfd, events.as_mut_ptr(), events.len() as i32, timeout_ms) };
+            for ev in events.iter().take(n.max(0) as usize) {
+                let idx = ev.u64 as usize;
+                let flags = ev.events;
+                if self.clients[idx].state == State::Dead {
+                    continue;
+                }
+                if self.clients[idx].state == State::Connecting {
+                    if flags & (libc::EPOLLOUT | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+                        self.on_connected(idx);
+                    }
+                    continue;
+                }
+                if flags & libc::EPOLLOUT as u32 != 0 {
+                    self.send(idx, None);
+                }
+                if flags & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+                    self.on_readable(idx);
+                }
+            }
+        }
+    }
+
+    /// Opens every client of `plan`, `concurrency` connections in flight at a
+    /// time; returns how many joined and how long it took.
+    fn open_clients(&mut self, plan: Vec<(usize, bool)>) -> (usize, f64) {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(120);
+        let total = plan.len();
+        let mut plan = plan.into_iter();
+        let mut left = total;
+        while Instant::now() < deadline && self.ready + self.failed < total {
+            while self.connecting < self.args.concurrency && left > 0 {
+                let Some((doc, is_sender)) = plan.next() else { break };
+                left -= 1;
+                self.open(doc, is_sender);
+            }
+            let target = self.ready + self.failed + 1;
+            self.poll_until(Instant::now() + Duration::from_millis(50), |e| {
+                e.ready + e.failed >= target && e.connecting < e.args.concurrency
+            });
+        }
+        (self.ready, start.elapsed().as_secs_f64())
     }
 }
 
-// ---------------------------------------------------------------------------
 // /proc readings.
 
 fn proc_cpu_ticks(pid: &str) -> Option<u64> {
@@ -609,71 +780,6 @@ impl CpuMeter {
         let dt = proc_cpu_ticks(&self.pid)? - self.ticks;
         Some(dt as f64 / clk_tck() / self.at.elapsed().as_secs_f64() * 100.0)
     }
-}
-
-// ---------------------------------------------------------------------------
-// Modes.
-
-fn make_shared(args: Args) -> Rc<Shared> {
-    let pad_len = args.payload.saturating_sub(30);
-    let mut pad = Vec::with_capacity(pad_len + 12);
-    pad.extend_from_slice(br#","p":""#);
-    pad.resize(pad.len() + pad_len, b'x');
-    pad.extend_from_slice(br#""}}"#);
-    Rc::new(Shared {
-        args,
-        base: Instant::now(),
-        stats: Stats::default(),
-        latency: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
-        record_from: Cell::new(u64::MAX),
-        record_until: Cell::new(u64::MAX),
-        window_ops: Cell::new(0),
-        scratch: RefCell::new(vec![0; 64 * 1024]),
-        rate_per_sender: Cell::new(0.0),
-        sending: Cell::new(false),
-        ready: Cell::new(0),
-        failed: Cell::new(0),
-        pad,
-        sender_wakers: RefCell::new(Vec::new()),
-    })
-}
-
-/// Opens every client of the run, `concurrency` connection attempts at a time.
-async fn open_clients(shared: &Rc<Shared>, plan: Vec<(String, bool)>) -> (usize, f64) {
-    let total = plan.len();
-    let start = Instant::now();
-    let inflight = Rc::new(Cell::new(0usize));
-    for (i, (doc, is_sender)) in plan.into_iter().enumerate() {
-        while inflight.get() >= shared.args.concurrency {
-            // Connections in flight are those neither ready nor failed yet.
-            inflight.set(i - shared.ready.get() - shared.failed.get());
-            if inflight.get() >= shared.args.concurrency {
-                sleep(Duration::from_micros(200)).await;
-            }
-        }
-        inflight.set(inflight.get() + 1);
-        glommio::spawn_local(client(shared.clone(), i, doc, is_sender)).detach();
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while shared.ready.get() + shared.failed.get() < total && Instant::now() < deadline {
-        sleep(Duration::from_millis(2)).await;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    (shared.ready.get(), secs)
-}
-
-fn plan(args: &Args) -> Vec<(String, bool)> {
-    let mut plan = Vec::new();
-    for d in 0..args.docs {
-        let doc = format!("{}-{d}", args.doc_prefix);
-        for _ in 0..args.subs {
-            plan.push((doc.clone(), false));
-        }
-        for _ in 0..args.senders {
-            plan.push((doc.clone(), true));
-        }
-    }
-    plan
 }
 
 /// One measured step of a run: results in a JSON object.
@@ -752,71 +858,83 @@ impl Step {
 const HEADER: &str =
     "      rate deliveries/s delivered   p50(us)   p99(us) p99.9(us)   max(us)  lagged  gaps   relay    load";
 
+fn write_json(path: &std::path::Path, json: &str) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(path, json) {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Modes.
+
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// Runs load at `rate` (or the window) for warm-up + duration, stops, waits
 /// for stragglers, and measures.
-async fn measure(shared: &Rc<Shared>, rate: f64, per_op_fanout: u64) -> Step {
-    let args = &shared.args;
-    let senders = (args.docs * args.senders).max(1);
-    shared.rate_per_sender.set(rate / senders as f64);
-    shared.sending.set(true);
-    shared.wake_senders();
-    sleep(Duration::from_secs_f64(args.warmup)).await;
-    // Measurement window.
-    let s = &shared.stats;
-    let (ops0, acks0, del0, lag0, gap0, ooo0) =
-        (s.ops_sent.get(), s.acks.get(), s.deliveries.get(), s.lagged.get(), s.gaps.get(), s.out_of_order.get());
-    shared.latency.borrow_mut().reset();
-    shared.window_ops.set(0);
-    shared.record_until.set(u64::MAX);
-    shared.record_from.set(shared.now_ns());
-    let relay = args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
+fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
+    let (warmup, duration) = (e.args.warmup, e.args.duration);
+    e.record_from = u64::MAX;
+    e.record_until = u64::MAX;
+    e.start_sending(rate);
+    e.poll_until(Instant::now() + Duration::from_secs_f64(warmup), |_| false);
+    let (acks0, del0, lag0, gap0, ooo0) =
+        (e.stats.acks, e.stats.deliveries, e.stats.lagged, e.stats.gaps, e.stats.out_of_order);
+    e.latency.reset();
+    e.window_ops = 0;
+    e.record_from = e.now_ns();
+    let relay = e.args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
     let me = CpuMeter::start("self");
-    let relay_busy = BusyMeter::start(&args.relay_cpus);
-    let load_busy = args.cpu.and_then(|c| BusyMeter::start(&[c]));
+    let relay_busy = BusyMeter::start(&e.args.relay_cpus);
+    let load_busy = e.args.cpu.and_then(|c| BusyMeter::start(&[c]));
     let start = Instant::now();
-    sleep(Duration::from_secs_f64(args.duration)).await;
-    shared.record_until.set(shared.now_ns());
+    e.poll_until(start + Duration::from_secs_f64(duration), |_| false);
+    e.record_until = e.now_ns();
     let secs = start.elapsed().as_secs_f64();
     let relay_cpu = relay.and_then(|m| m.percent());
     let load_cpu = me.and_then(|m| m.percent());
     let relay_busy = relay_busy.and_then(|m| m.percent());
     let load_busy = load_busy.and_then(|m| m.percent());
-    let _ = s.ops_sent.get() - ops0;
-    let ops = shared.window_ops.get();
-    shared.sending.set(false);
-    shared.wake_senders();
+    e.stop_sending();
     // Stragglers: deliveries of operations sent in the window.
+    let ops = e.window_ops;
     let expected = ops * per_op_fanout;
-    let settle = Instant::now();
-    let mut last = s.deliveries.get();
-    while settle.elapsed() < Duration::from_secs(3) {
-        sleep(Duration::from_millis(100)).await;
-        let now = s.deliveries.get();
-        if now == last && now - del0 >= expected {
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        let before = e.stats.deliveries;
+        e.poll_until(Instant::now() + Duration::from_millis(300), |e| e.stats.deliveries - del0 >= expected);
+        if e.stats.deliveries - del0 >= expected || e.stats.deliveries == before {
             break;
         }
-        if now == last && settle.elapsed() > Duration::from_millis(500) {
-            break;
-        }
-        last = now;
     }
-    let deliveries = s.deliveries.get() - del0;
-    let h = shared.latency.borrow();
+    let deliveries = e.stats.deliveries - del0;
+    let h = &e.latency;
     Step {
         rate,
         ops,
-        acks: s.acks.get() - acks0,
+        acks: e.stats.acks - acks0,
         deliveries,
         expected,
         delivery_ratio: if expected == 0 { 1.0 } else { deliveries as f64 / expected as f64 },
-        deliveries_per_sec: deliveries.min(expected.max(deliveries)) as f64 / secs,
+        deliveries_per_sec: deliveries as f64 / secs,
         p50_us: h.value_at_quantile(0.5),
         p99_us: h.value_at_quantile(0.99),
         p999_us: h.value_at_quantile(0.999),
         max_us: h.max(),
-        lagged: s.lagged.get() - lag0,
-        gaps: s.gaps.get() - gap0,
-        out_of_order: s.out_of_order.get() - ooo0,
+        lagged: e.stats.lagged - lag0,
+        gaps: e.stats.gaps - gap0,
+        out_of_order: e.stats.out_of_order - ooo0,
         relay_cpu,
         load_cpu,
         relay_busy,
@@ -825,13 +943,17 @@ async fn measure(shared: &Rc<Shared>, rate: f64, per_op_fanout: u64) -> Step {
     }
 }
 
-async fn run_mode(args: Args) {
-    let shared = make_shared(args.clone());
-    let plan = plan(&args);
+fn run_mode(args: Args) {
+    let mut e = Engine::new(args.clone());
+    e.docs = (0..args.docs).map(|d| format!("{}-{d}", args.doc_prefix)).collect();
+    let mut plan = Vec::new();
+    for d in 0..args.docs {
+        plan.extend(std::iter::repeat_n((d, false), args.subs));
+        plan.extend(std::iter::repeat_n((d, true), args.senders));
+    }
     let clients = plan.len();
-    let per_doc = args.subs + args.senders;
-    let fanout = per_doc.saturating_sub(1) as u64;
-    let (ready, secs) = open_clients(&shared, plan).await;
+    let fanout = (args.subs + args.senders).saturating_sub(1) as u64;
+    let (ready, secs) = e.open_clients(plan);
     let conn_rate = ready as f64 / secs;
     eprintln!(
         "{}: {ready}/{clients} clients joined in {secs:.2} s ({conn_rate:.0}/s); {} documents × ({} subscribers + {} senders), payload {} B",
@@ -846,7 +968,7 @@ async fn run_mode(args: Args) {
     if args.find_max {
         let mut rate = args.rate.unwrap_or(1000.0);
         loop {
-            let step = measure(&shared, rate, fanout).await;
+            let step = measure(&mut e, rate, fanout);
             println!("{}", step.row());
             let held = step.delivery_ratio >= args.min_delivery && (step.p99_us as f64) <= args.max_p99_ms * 1000.0;
             steps.push(step.clone());
@@ -859,11 +981,11 @@ async fn run_mode(args: Args) {
                 break;
             }
             // Let queues drain between steps.
-            sleep(Duration::from_millis(300)).await;
+            e.poll_until(Instant::now() + Duration::from_millis(300), |_| false);
         }
     } else {
-        let rate = args.rate.unwrap_or(if args.window.is_some() { 0.0 } else { 1000.0 });
-        let step = measure(&shared, rate, fanout).await;
+        let rate = args.rate.unwrap_or(1000.0);
+        let step = measure(&mut e, rate, fanout);
         println!("{}", step.row());
         steps.push(step.clone());
         best = Some(step);
@@ -905,60 +1027,58 @@ async fn run_mode(args: Args) {
         );
         write_json(path, &json);
     }
-    std::process::exit(0);
-}
-
-fn write_json(path: &std::path::Path, json: &str) {
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if let Err(e) = std::fs::write(path, json) {
-        eprintln!("cannot write {}: {e}", path.display());
-    }
 }
 
 /// Connects `--connections` clients (authenticate + join) as fast as possible.
-async fn storm_mode(args: Args) {
-    let shared = make_shared(args.clone());
+fn storm_mode(args: Args) {
+    let mut e = Engine::new(args.clone());
     let per_doc = 5;
-    let plan: Vec<(String, bool)> =
-        (0..args.connections).map(|i| (format!("{}-{}", args.doc_prefix, i / per_doc), false)).collect();
+    e.docs = (0..args.connections.div_ceil(per_doc)).map(|d| format!("{}-{d}", args.doc_prefix)).collect();
+    let plan: Vec<(usize, bool)> = (0..args.connections).map(|i| (i / per_doc, false)).collect();
     let relay = args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
-    let (ready, secs) = open_clients(&shared, plan).await;
+    let relay_busy = BusyMeter::start(&args.relay_cpus);
+    let (ready, secs) = e.open_clients(plan);
     let relay_cpu = relay.and_then(|m| m.percent());
+    let relay_busy = relay_busy.and_then(|m| m.percent());
     let rate = ready as f64 / secs;
+    let pct = |v: Option<f64>| v.map_or("-".into(), |c| format!("{c:.0}%"));
     println!(
-        "{}: {ready}/{} sessions connected, authenticated and joined in {secs:.3} s = {rate:.0} sessions/s (relay CPU {})",
+        "{}: {ready}/{} sessions connected, authenticated and joined in {secs:.3} s = {rate:.0} sessions/s (server process CPU {}, server CPUs busy {})",
         args.label,
         args.connections,
-        relay_cpu.map_or("-".into(), |c| format!("{c:.0}%"))
+        pct(relay_cpu),
+        pct(relay_busy)
     );
     if let Some(path) = &args.json {
+        let num = |v: Option<f64>| v.map_or("null".into(), |c| format!("{c:.1}"));
         let json = format!(
-            r#"{{"label":"{}","mode":"storm","connections":{},"joined":{ready},"secs":{secs:.3},"sessions_per_sec":{rate:.0},"relay_cpu_pct":{}}}"#,
+            r#"{{"label":"{}","mode":"storm","connections":{},"joined":{ready},"secs":{secs:.3},"sessions_per_sec":{rate:.0},"relay_cpu_pct":{},"relay_cpus_busy_pct":{}}}"#,
             args.label,
             args.connections,
-            relay_cpu.map_or("null".into(), |c| format!("{c:.1}"))
+            num(relay_cpu),
+            num(relay_busy)
         );
         write_json(path, &json);
     }
-    std::process::exit(if ready == args.connections { 0 } else { 1 });
+    if ready < args.connections {
+        std::process::exit(1);
+    }
 }
 
 /// Holds `--connections` joined idle clients and reports the relay's RSS
 /// growth per connection.
-async fn idle_mode(args: Args) {
+fn idle_mode(args: Args) {
     let Some(pid) = args.relay_pid else {
         eprintln!("--mode idle needs --relay-pid");
         std::process::exit(2);
     };
-    let shared = make_shared(args.clone());
-    let before = proc_rss_kib(pid).unwrap_or(0);
+    let mut e = Engine::new(args.clone());
     let per_doc = 5;
-    let plan: Vec<(String, bool)> =
-        (0..args.connections).map(|i| (format!("{}-{}", args.doc_prefix, i / per_doc), false)).collect();
-    let (ready, secs) = open_clients(&shared, plan).await;
-    sleep(Duration::from_secs(1)).await;
+    e.docs = (0..args.connections.div_ceil(per_doc)).map(|d| format!("{}-{d}", args.doc_prefix)).collect();
+    let before = proc_rss_kib(pid).unwrap_or(0);
+    let plan: Vec<(usize, bool)> = (0..args.connections).map(|i| (i / per_doc, false)).collect();
+    let (ready, secs) = e.open_clients(plan);
+    e.poll_until(Instant::now() + Duration::from_secs(1), |_| false);
     let after = proc_rss_kib(pid).unwrap_or(0);
     let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / ready.max(1) as f64;
     println!(
@@ -972,5 +1092,4 @@ async fn idle_mode(args: Args) {
         );
         write_json(path, &json);
     }
-    std::process::exit(0);
 }
