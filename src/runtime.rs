@@ -190,9 +190,9 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
         let nth = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         std::collections::hash_map::RandomState::new().hash_one((std::time::SystemTime::now(), std::process::id(), nth))
     };
-    let addr = probe_address(config.listen)?;
-
     let cores = cpus.len();
+    let (addr, mut listeners) = bind_listeners(config.listen, cores)?;
+    listeners.reverse();
     let registry = Arc::new(ConnectionManager::new(cores));
     let config = Arc::new(config);
     let (senders, receivers): (Vec<_>, Vec<_>) =
@@ -204,7 +204,7 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
     for (index, (cpu, rx)) in cpus.iter().copied().zip(receivers).enumerate() {
         let setup = CoreSetup {
             index,
-            addr,
+            listener: listeners.pop().expect("one listener per core"),
             config: config.clone(),
             registry: registry.clone(),
             peers: senders.clone(),
@@ -303,20 +303,33 @@ fn check_memlock() -> Result<(), StartError> {
     Ok(())
 }
 
-/// glommio binds every listener with SO_REUSEPORT, which would silently share
-/// a port with another process doing the same. Bind once without it first: if
-/// anyone holds the address, that fails. Also resolves port 0 to a real port.
-fn probe_address(addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    match std::net::TcpListener::bind(addr) {
-        Ok(l) => l.local_addr().map_err(|source| StartError::Listen { addr, source }),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartError::AddressInUse { addr }),
-        Err(source) => Err(StartError::Listen { addr, source }),
+/// Binds one listener per core on the same port. The listeners use
+/// SO_REUSEPORT (so the kernel spreads connections over the cores), which
+/// would also let another process using it share the port silently: a
+/// configured port is therefore first bound once without it, which fails if
+/// anyone holds the address. Port 0 needs no such check; the first listener
+/// picks the port and holds it while the others join, so nothing can take it
+/// in between.
+fn bind_listeners(addr: SocketAddr, cores: usize) -> Result<(SocketAddr, Vec<OwnedFd>), StartError> {
+    let in_use = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::AddrInUse => StartError::AddressInUse { addr },
+        _ => StartError::Listen { addr, source: e },
+    };
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr).map_err(in_use)?);
     }
+    let (first, bound) = bind_listener(addr).map_err(in_use)?;
+    let mut fds = vec![first];
+    for _ in 1..cores {
+        fds.push(bind_listener(bound).map_err(in_use)?.0);
+    }
+    Ok((bound, fds))
 }
 
 struct CoreSetup {
     index: usize,
-    addr: SocketAddr,
+    /// This core's listening socket (bound in `start`).
+    listener: OwnedFd,
     config: Arc<Config>,
     registry: Arc<ConnectionManager>,
     peers: Vec<flume::Sender<CoreMsg>>,
@@ -426,7 +439,7 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// A listening socket on `addr` that shares the port with the other cores
 /// (SO_REUSEPORT). Returns its fd, which stays ours so that shutdown can stop
 /// the kernel from accepting on it.
-fn bind_listener(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+fn bind_listener(addr: SocketAddr) -> std::io::Result<(OwnedFd, SocketAddr)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -434,19 +447,14 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<OwnedFd> {
     socket.set_cloexec(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
+    let bound = socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))?;
     // SAFETY: into_raw_fd gives up the socket's ownership of a valid fd,
     // which the OwnedFd takes over.
-    Ok(unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) })
+    Ok((unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) }, bound))
 }
 
 async fn core_main(setup: CoreSetup) {
-    let listen_fd = match bind_listener(setup.addr) {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = setup.ready.send((setup.index, Err(e)));
-            return;
-        }
-    };
+    let listen_fd = setup.listener;
     let listen_raw = listen_fd.as_raw_fd();
     // SAFETY: a bound, listening socket whose ownership moves to glommio.
     let listener = unsafe { TcpListener::from_raw_fd(listen_fd.into_raw_fd()) };

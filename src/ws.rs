@@ -306,6 +306,30 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// Appends one client-to-server frame (masked, as RFC 6455 requires of
+/// clients) to `out`. The relay never sends these; the load generator and
+/// the tests do, so the encoding lives here beside the decoder.
+pub fn encode_client_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, mask: [u8; 4], payload: &[u8]) {
+    out.push(opcode | if fin { 0x80 } else { 0 });
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if mask != [0; 4] {
+        apply_mask(&mut out[start..], mask);
+    }
+}
+
 /// Room reserved in front of a payload for the longest server frame header.
 const HEADROOM: usize = 10;
 
@@ -402,21 +426,8 @@ mod tests {
     use super::*;
 
     fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x11, 0x22, 0x33, 0x44];
-        let mut out = vec![opcode | if fin { 0x80 } else { 0 }];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n < 65536 => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut out = Vec::new();
+        encode_client_frame(&mut out, fin, opcode, [0x11, 0x22, 0x33, 0x44], payload);
         out
     }
 

@@ -175,22 +175,9 @@ fn make_pad(payload: usize) -> Vec<u8> {
     pad
 }
 
-/// A client frame with an all-zero mask key (valid RFC 6455; XOR is a no-op).
+/// A Text frame with an all-zero mask key (valid RFC 6455; XOR is a no-op).
 fn client_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.push(0x81);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
+    docrelay::ws::encode_client_frame(out, true, 0x1, [0; 4], payload);
 }
 
 #[derive(Default)]
@@ -1029,12 +1016,17 @@ fn run_mode(args: Args) {
     }
 }
 
+/// `--connections` reading clients, five per document (storm and idle).
+fn reader_plan(e: &mut Engine) -> Vec<(usize, bool)> {
+    let (n, per_doc) = (e.args.connections, 5);
+    e.docs = (0..n.div_ceil(per_doc)).map(|d| format!("{}-{d}", e.args.doc_prefix)).collect();
+    (0..n).map(|i| (i / per_doc, false)).collect()
+}
+
 /// Connects `--connections` clients (authenticate + join) as fast as possible.
 fn storm_mode(args: Args) {
     let mut e = Engine::new(args.clone());
-    let per_doc = 5;
-    e.docs = (0..args.connections.div_ceil(per_doc)).map(|d| format!("{}-{d}", args.doc_prefix)).collect();
-    let plan: Vec<(usize, bool)> = (0..args.connections).map(|i| (i / per_doc, false)).collect();
+    let plan = reader_plan(&mut e);
     let relay = args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
     let relay_busy = BusyMeter::start(&args.relay_cpus);
     let (ready, secs) = e.open_clients(plan);
@@ -1073,10 +1065,8 @@ fn idle_mode(args: Args) {
         std::process::exit(2);
     };
     let mut e = Engine::new(args.clone());
-    let per_doc = 5;
-    e.docs = (0..args.connections.div_ceil(per_doc)).map(|d| format!("{}-{d}", args.doc_prefix)).collect();
     let before = proc_rss_kib(pid).unwrap_or(0);
-    let plan: Vec<(usize, bool)> = (0..args.connections).map(|i| (i / per_doc, false)).collect();
+    let plan = reader_plan(&mut e);
     let (ready, secs) = e.open_clients(plan);
     e.poll_until(Instant::now() + Duration::from_secs(1), |_| false);
     let after = proc_rss_kib(pid).unwrap_or(0);
