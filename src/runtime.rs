@@ -40,12 +40,6 @@ pub const MIN_MEMLOCK_BYTES: u64 = 512 * 1024;
 /// Registered io_uring buffer memory per executor: the relay does no file DMA.
 const IO_MEMORY: usize = 64 * 1024;
 
-/// How long the executor runs tasks before it reaps io_uring completions
-/// again. glommio polls for I/O only when its run queue is empty or this timer
-/// fires (default 100 ms); under sustained load the queue never empties, so
-/// this bounds how long a ready socket can wait to be noticed.
-pub const PREEMPT_TIMER: Duration = Duration::from_micros(500);
-
 /// Per-core read buffer shared by all sessions of the core.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -217,7 +211,6 @@ pub fn start(config: Config, options: RelayOptions) -> Result<RelayHandle, Start
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("docrelay-core{index}"))
             .io_memory(IO_MEMORY)
-            .preempt_timer(PREEMPT_TIMER)
             .spawn(move || core_main(setup));
         match spawned {
             Ok(t) => threads.push(t),
