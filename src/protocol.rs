@@ -216,6 +216,21 @@ impl Window {
     }
 }
 
+/// Check 3 of PROTOCOL.md section 4: whether a message may be sent in the
+/// session's state (authenticated, joined). The one statement of those rules.
+pub fn check_state(kind: ClientType, authenticated: bool, joined: bool) -> Option<(ErrorCode, &'static str)> {
+    match kind {
+        ClientType::Ping => None,
+        ClientType::Authenticate if authenticated => Some((ErrorCode::AlreadyAuthenticated, "already authenticated")),
+        ClientType::Authenticate => None,
+        _ if !authenticated => Some((ErrorCode::AuthRequired, "authenticate first")),
+        ClientType::JoinDocument if joined => Some((ErrorCode::AlreadyJoined, "already joined")),
+        ClientType::JoinDocument => None,
+        _ if !joined => Some((ErrorCode::NotJoined, "join the document first")),
+        _ => None,
+    }
+}
+
 /// A field check (step 4 of PROTOCOL.md section 4).
 fn field<'a, T: serde::Deserialize<'a>>(
     raw: Option<&'a RawValue>,
@@ -240,17 +255,7 @@ pub(crate) fn handle(ctx: &CoreCtx, conn: &Conn, data: &[u8]) {
         let st = conn.state.borrow();
         (st.is_authenticated(), st.document_joined)
     };
-    let state_error = match kind {
-        ClientType::Ping => None,
-        ClientType::Authenticate if authenticated => Some((ErrorCode::AlreadyAuthenticated, "already authenticated")),
-        ClientType::Authenticate => None,
-        _ if !authenticated => Some((ErrorCode::AuthRequired, "authenticate first")),
-        ClientType::JoinDocument if joined => Some((ErrorCode::AlreadyJoined, "already joined")),
-        ClientType::JoinDocument => None,
-        _ if !joined => Some((ErrorCode::NotJoined, "join the document first")),
-        _ => None,
-    };
-    if let Some((code, message)) = state_error {
+    if let Some((code, message)) = check_state(kind, authenticated, joined) {
         return reply_error(ctx, conn, code, message);
     }
     // Steps 4 and 5, then the effect.

@@ -35,7 +35,6 @@
 //! error), no `/healthz` or `/metrics`, no validators, rate limits or idle
 //! timeouts.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -91,11 +90,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const CLOSE_AUTH_FAILED: u16 = 4001;
 const CLOSE_AUTH_TIMEOUT: u16 = 4008;
-
-/// The colours picked from (by a hash of `user_id`) when the client gives
-/// none; the relay's palette, so both answer the same.
-const PALETTE: [&str; 10] =
-    ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 
 #[derive(Parser)]
 #[command(name = "docrelay-baseline", about = "Conventional tokio + tungstenite relay, the benchmark baseline")]
@@ -496,13 +490,6 @@ fn reject(status: StatusCode, body: &str) -> ErrorResponse {
     response
 }
 
-/// A stable palette colour for a user id (FNV-1a, as the relay).
-fn palette_color(user_id: &str) -> &'static str {
-    let hash =
-        user_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    PALETTE[(hash % PALETTE.len() as u64) as usize]
-}
-
 /// A session id unique across connections and restarts.
 fn session_id(connection_id: u64) -> String {
     use std::hash::BuildHasher;
@@ -511,91 +498,11 @@ fn session_id(connection_id: u64) -> String {
     format!("{nonce:016x}-{connection_id:x}")
 }
 
-/// Error codes of `{"type":"error"}` replies that the baseline can produce.
-#[derive(Debug, Clone, Copy)]
-enum ErrorCode {
-    BadMessage,
-    UnknownType,
-    AuthRequired,
-    AlreadyAuthenticated,
-    NotJoined,
-    AlreadyJoined,
-    HistoryUnavailable,
-}
-
-impl ErrorCode {
-    fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadMessage => "BAD_MESSAGE",
-            ErrorCode::UnknownType => "UNKNOWN_TYPE",
-            ErrorCode::AuthRequired => "AUTH_REQUIRED",
-            ErrorCode::AlreadyAuthenticated => "ALREADY_AUTHENTICATED",
-            ErrorCode::NotJoined => "NOT_JOINED",
-            ErrorCode::AlreadyJoined => "ALREADY_JOINED",
-            ErrorCode::HistoryUnavailable => "HISTORY_UNAVAILABLE",
-        }
-    }
-}
-
-/// The client messages the baseline implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Authenticate,
-    JoinDocument,
-    LeaveDocument,
-    Operation,
-    Cursor,
-    Ping,
-}
-
-impl Kind {
-    fn from_name(name: &str) -> Result<Kind, &'static str> {
-        Ok(match name {
-            "authenticate" => Kind::Authenticate,
-            "join_document" => Kind::JoinDocument,
-            "leave_document" => Kind::LeaveDocument,
-            "operation" => Kind::Operation,
-            "cursor" => Kind::Cursor,
-            "ping" => Kind::Ping,
-            "sync_request" | "snapshot" => return Err("the baseline keeps no history: not supported"),
-            _ => return Err("unknown message type"),
-        })
-    }
-}
-
-/// A client message with its fields still raw JSON, borrowed from the frame,
-/// so that the checks run in the protocol's order and a `payload` is relayed
-/// without being re-serialised.
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Option<&'a RawValue>,
-    #[serde(borrow)]
-    token: Option<&'a RawValue>,
-    #[serde(borrow)]
-    since: Option<&'a RawValue>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
-    #[serde(borrow)]
-    client_op_id: Option<&'a RawValue>,
-}
-
-/// Checks 1 (`BAD_MESSAGE`) and 2 (`UNKNOWN_TYPE`) of PROTOCOL.md section 4.
-fn parse(text: &str) -> Result<(Kind, Envelope<'_>), (ErrorCode, &'static str)> {
-    if text.trim_start().as_bytes().first() != Some(&b'{') {
-        return Err((ErrorCode::BadMessage, "message is not a JSON object"));
-    }
-    let Ok(envelope) = serde_json::from_str::<Envelope<'_>>(text) else {
-        return Err((ErrorCode::BadMessage, "message is not valid JSON"));
-    };
-    let Some(kind) = envelope.kind.and_then(|k| serde_json::from_str::<Cow<'_, str>>(k.get()).ok()) else {
-        return Err((ErrorCode::BadMessage, "message has no string `type`"));
-    };
-    match Kind::from_name(&kind) {
-        Ok(kind) => Ok((kind, envelope)),
-        Err(message) => Err((ErrorCode::UnknownType, message)),
-    }
-}
+// The message layer is the relay's own (docrelay::protocol): both servers
+// parse the same contract the same way, so the comparison is of designs, not
+// of parsers.
+use docrelay::auth::palette_color;
+use docrelay::protocol::{check_state, parse, ClientType as Kind, Envelope, ErrorCode};
 
 /// A field check (step 4 of PROTOCOL.md section 4).
 fn field<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>, name: &str) -> Result<Option<T>, String> {
@@ -695,23 +602,13 @@ impl Session {
 
     /// Handles one client message (PROTOCOL.md section 4, checks in order).
     async fn handle(&mut self, text: &str) -> Flow {
-        let (kind, envelope) = match parse(text) {
+        let (kind, envelope) = match parse(text.as_bytes()) {
             Ok(parsed) => parsed,
             Err((code, message)) => return self.error(code, message).await,
         };
         let authenticated = self.identity.is_some();
         let joined = self.document.is_some();
-        let state_error = match kind {
-            Kind::Ping => None,
-            Kind::Authenticate if authenticated => Some((ErrorCode::AlreadyAuthenticated, "already authenticated")),
-            Kind::Authenticate => None,
-            _ if !authenticated => Some((ErrorCode::AuthRequired, "authenticate first")),
-            Kind::JoinDocument if joined => Some((ErrorCode::AlreadyJoined, "already joined")),
-            Kind::JoinDocument => None,
-            _ if !joined => Some((ErrorCode::NotJoined, "join the document first")),
-            _ => None,
-        };
-        if let Some((code, message)) = state_error {
+        if let Some((code, message)) = check_state(kind, authenticated, joined) {
             return self.error(code, message).await;
         }
         let result = match kind {
@@ -721,6 +618,9 @@ impl Session {
             Kind::LeaveDocument => Ok(self.leave_document().await),
             Kind::Operation => self.operation(&envelope).await,
             Kind::Cursor => self.cursor(&envelope),
+            Kind::SyncRequest | Kind::Snapshot => {
+                return self.error(ErrorCode::UnknownType, "the baseline keeps no history: not supported").await
+            }
         };
         match result {
             Ok(flow) => flow,
@@ -1067,37 +967,6 @@ mod tests {
         assert_eq!(route("/ws/documents/a/b").unwrap_err(), StatusCode::BAD_REQUEST);
         assert_eq!(route(&format!("/ws/documents/{}", "a".repeat(129))).unwrap_err(), StatusCode::BAD_REQUEST);
         assert_eq!(route("/ws/other").unwrap_err(), StatusCode::NOT_FOUND);
-    }
-
-    #[test]
-    fn colors_match_the_relay() {
-        for query in ["color=%23FF00aa", "a=1&color=123abc", "color=%2312345", "color=zzzzzz", "x"] {
-            assert_eq!(
-                color_param(Some(query)),
-                docrelay::http::parse_color(query.split("color=").nth(1).unwrap_or(""))
-            );
-        }
-        for user in ["ada", "bob", "", "ü"] {
-            assert_eq!(palette_color(user), docrelay::auth::palette_color(user));
-        }
-    }
-
-    #[test]
-    fn checks_run_in_protocol_order() {
-        let kind = |s: &str| parse(s).map(|(k, _)| k).map_err(|(c, _)| c.as_str());
-        assert_eq!(kind(r#"{"type":"ping"}"#), Ok(Kind::Ping));
-        assert_eq!(kind("not json").unwrap_err(), "BAD_MESSAGE");
-        assert_eq!(kind(r#"["ping"]"#).unwrap_err(), "BAD_MESSAGE");
-        assert_eq!(kind(r#"{"type":1}"#).unwrap_err(), "BAD_MESSAGE");
-        assert_eq!(kind(r#"{"type":"ping""#).unwrap_err(), "BAD_MESSAGE");
-        assert_eq!(kind(r#"{"type":"dance"}"#).unwrap_err(), "UNKNOWN_TYPE");
-        assert_eq!(kind(r#" {"type":"operation","payload":{"a":[1,2]}}"#), Ok(Kind::Operation));
-    }
-
-    #[test]
-    fn payload_stays_raw() {
-        let (_, envelope) = parse(r#"{"type":"operation","payload": {"b" : 1.50,"a":"\u00e9"}}"#).unwrap();
-        assert_eq!(envelope.payload.unwrap().get(), r#"{"b" : 1.50,"a":"\u00e9"}"#);
     }
 
     #[test]
