@@ -307,15 +307,19 @@ impl Conn {
         true
     }
 
-    /// Appends to the queue without checks (a Close must always get in).
+    /// Appends to the queue without checks (a Close must always get in) and
+    /// counts it in `messages_out`.
     fn push(&self, ctx: &CoreCtx, frame: SharedFrame) {
-        {
-            let mut out = self.out.borrow_mut();
-            out.bytes += frame.bytes().len();
-            out.frames.push_back(frame);
-        }
+        self.enqueue(frame);
         ctx.stats().messages_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.wake_writer();
+    }
+
+    /// Appends to the queue only: the fan-out path counts once per refill.
+    fn enqueue(&self, frame: SharedFrame) {
+        let mut out = self.out.borrow_mut();
+        out.bytes += frame.bytes().len();
+        out.frames.push_back(frame);
     }
 
     /// Queues a direct reply as a Text frame.
@@ -551,18 +555,19 @@ impl Conn {
             return;
         }
         let me = self.info.id;
-        let mut delivered = 0;
+        let (mut delivered, mut lagged) = (0, 0);
         while self.out.borrow().bytes < REFILL_BYTES {
             match sub.hub.ops.read(&mut sub.ops_cursor) {
                 (Read::Entry(_), Some(e)) => {
                     if e.origin != me {
-                        self.push(ctx, e.frame);
+                        self.enqueue(e.frame);
                         delivered += 1;
                     }
                 }
                 (Read::Lagged { from, to }, _) => {
                     ctx.stats().lagged.fetch_add(1, Relaxed);
-                    self.push(ctx, crate::protocol::lagged(from, to));
+                    self.enqueue(crate::protocol::lagged(from, to));
+                    lagged += 1;
                 }
                 _ => break,
             }
@@ -571,7 +576,7 @@ impl Conn {
             match sub.hub.presence.read(&mut sub.presence_cursor) {
                 (Read::Entry(_), Some(e)) => {
                     if e.origin != me {
-                        self.push(ctx, e.frame);
+                        self.enqueue(e.frame);
                         delivered += 1;
                     }
                 }
@@ -579,7 +584,10 @@ impl Conn {
                 _ => break,
             }
         }
+        // One counter update per refill, not per frame (the writer runs next;
+        // it is the one that called refill, so no wake-up is needed).
         ctx.stats().deliveries.fetch_add(delivered, Relaxed);
+        ctx.stats().messages_out.fetch_add(delivered + lagged, Relaxed);
     }
 
     /// The writer task: drains the queue whenever it has frames, half-closes
