@@ -311,6 +311,18 @@ impl Engine {
                 &one as *const _ as *const libc::c_void,
                 std::mem::size_of::<libc::c_int>() as u32,
             );
+            // Linger 0: closing (or exiting) resets the connection instead of
+            // leaving it in TIME_WAIT. Back-to-back runs of 10,000-20,000
+            // connections otherwise exhaust the ephemeral ports and later
+            // connects crawl (measured: 19,000 joins took 6.5 s, not 1.4 s).
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as u32,
+            );
             let SocketAddr::V4(v4) = addr else { panic!("IPv4 addresses only") };
             let mut sa: libc::sockaddr_in = std::mem::zeroed();
             sa.sin_family = libc::AF_INET as u16;
