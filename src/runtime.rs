@@ -620,12 +620,20 @@ enum HeadRead {
 }
 
 /// Reads until the request head is complete, too large, or malformed.
+/// First size of the buffer a request head is read into.
+const HEAD_BUFFER_START: usize = 1024;
+
 async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, max_head: usize) -> HeadRead {
-    // Room for the head plus a first frame pipelined behind it.
+    // Room for the head plus a first frame pipelined behind it, grown as
+    // needed: most heads fit the first KiB, and a storm of handshakes in
+    // flight would otherwise hold `cap` bytes each.
     let cap = max_head + 1024;
-    buf.resize(cap, 0);
+    buf.resize(HEAD_BUFFER_START.min(cap), 0);
     let mut filled = 0;
     loop {
+        if filled == buf.len() {
+            buf.resize((buf.len() * 2).min(cap), 0);
+        }
         let n = match stream.read(&mut buf[filled..]).await {
             Ok(0) | Err(_) => return HeadRead::Closed,
             Ok(n) => n,
