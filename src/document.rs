@@ -112,7 +112,7 @@ pub struct Snapshot {
 }
 
 /// A joined session as `joined_document.participants` lists it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Participant {
     pub connection_id: u64,
     pub user_id: String,
@@ -184,6 +184,11 @@ impl DocumentHub {
 
     pub fn participants(&self) -> Vec<Participant> {
         self.subscribers.borrow().iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Writes the participants as a JSON array, without copying them.
+    pub fn serialize_participants<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.subscribers.borrow().iter().map(|(p, _)| p))
     }
 
     pub fn subscriber_count(&self) -> usize {

@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::auth::AuthError;
@@ -130,11 +130,14 @@ pub fn parse(data: &[u8]) -> Result<(ClientType, Envelope<'_>), (ErrorCode, &'st
 
 /// Builds `{"type":"error","code":...,"message":...}` as a frame payload.
 pub fn error_reply(code: ErrorCode, message: &str) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        r#type: &'static str,
+        code: &'static str,
+        message: &'a str,
+    }
     let mut buf = crate::ws::OutFrame::payload_buffer(64 + message.len());
-    let _ = serde_json::to_writer(
-        &mut buf,
-        &serde_json::json!({"type": "error", "code": code.as_str(), "message": message}),
-    );
+    let _ = serde_json::to_writer(&mut buf, &Error { r#type: "error", code: code.as_str(), message });
     buf
 }
 
@@ -145,11 +148,76 @@ pub fn pong_reply() -> Vec<u8> {
     buf
 }
 
-/// A frame for a JSON value (replies that are not on the hot path).
-fn json_payload(value: &serde_json::Value) -> Vec<u8> {
+/// A frame payload for a relay message: serialised straight into the frame's
+/// buffer from borrowed fields (no intermediate `serde_json::Value`, whose
+/// maps cost dozens of allocations per reply on the connect path).
+fn json_payload(value: &impl Serialize) -> Vec<u8> {
     let mut buf = OutFrame::payload_buffer(128);
     let _ = serde_json::to_writer(&mut buf, value);
     buf
+}
+
+/// `auth_result` on success.
+#[derive(Serialize)]
+struct AuthOk<'a> {
+    r#type: &'static str,
+    success: bool,
+    user_id: &'a str,
+    user_name: &'a str,
+    session_id: &'a str,
+    connection_id: u64,
+    color: &'a str,
+}
+
+/// `auth_result` on failure.
+#[derive(Serialize)]
+struct AuthFailed<'a> {
+    r#type: &'static str,
+    success: bool,
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+/// `user_joined` (presence).
+#[derive(Serialize)]
+struct UserJoined<'a> {
+    r#type: &'static str,
+    #[serde(flatten)]
+    participant: &'a Participant,
+}
+
+/// `user_left` (presence).
+#[derive(Serialize)]
+struct UserLeft<'a> {
+    r#type: &'static str,
+    connection_id: u64,
+    user_id: &'a str,
+}
+
+/// `joined_document`, with the participants written from the document.
+#[derive(Serialize)]
+struct Joined<'a> {
+    r#type: &'static str,
+    document_id: &'a str,
+    seq: u64,
+    #[serde(serialize_with = "participants")]
+    participants: &'a DocumentHub,
+}
+
+fn participants<S: serde::Serializer>(hub: &&DocumentHub, s: S) -> Result<S::Ok, S::Error> {
+    hub.serialize_participants(s)
+}
+
+/// `left_document`.
+#[derive(Serialize)]
+struct Left<'a> {
+    r#type: &'static str,
+    document_id: &'a str,
 }
 
 /// The `lagged` notice for a subscriber that missed `[from, to]`.
@@ -268,7 +336,7 @@ pub(crate) fn handle(ctx: &CoreCtx, conn: &Conn, data: &[u8]) {
         ClientType::JoinDocument => join(ctx, conn, &env),
         ClientType::LeaveDocument => {
             leave(ctx, conn);
-            let reply = serde_json::json!({"type": "left_document", "document_id": &*conn.info.document});
+            let reply = Left { r#type: "left_document", document_id: &conn.info.document };
             conn.send_text(ctx, json_payload(&reply));
             Ok(())
         }
@@ -312,10 +380,14 @@ fn authenticate(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), St
             let color =
                 conn.info.color.clone().unwrap_or_else(|| crate::auth::palette_color(&identity.user_id).to_string());
             let session_id = session_id(ctx.session_nonce, conn.info.id);
-            let reply = serde_json::json!({
-                "type": "auth_result", "success": true,
-                "user_id": &identity.user_id, "user_name": &identity.user_name,
-                "session_id": &session_id, "connection_id": conn.info.id, "color": &color,
+            let reply = json_payload(&AuthOk {
+                r#type: "auth_result",
+                success: true,
+                user_id: &identity.user_id,
+                user_name: &identity.user_name,
+                session_id: &session_id,
+                connection_id: conn.info.id,
+                color: &color,
             });
             {
                 let mut st = conn.state.borrow_mut();
@@ -326,14 +398,16 @@ fn authenticate(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), St
                 st.color = color;
                 st.authenticated = true;
             }
-            conn.send_text(ctx, json_payload(&reply));
+            conn.send_text(ctx, reply);
         }
         Err(e) => {
             ctx.registry.count_auth_failure();
-            let reply = serde_json::json!({
-                "type": "auth_result", "success": false,
-                "error": {"code": e.code(), "message": e.to_string()},
-            });
+            let message = e.to_string();
+            let reply = AuthFailed {
+                r#type: "auth_result",
+                success: false,
+                error: ErrorBody { code: e.code(), message: &message },
+            };
             conn.send_text(ctx, json_payload(&reply));
             let reason = match e {
                 AuthError::Failed(_) => "authentication failed",
@@ -363,34 +437,25 @@ fn join(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), String> {
             user_name: st.user_name.clone().unwrap_or_default(),
             color: st.color.clone(),
         };
-        let user_joined = serde_json::json!({
-            "type": "user_joined", "connection_id": p.connection_id, "user_id": &p.user_id,
-            "user_name": &p.user_name, "color": &p.color,
-        });
+        let user_joined = json_payload(&UserJoined { r#type: "user_joined", participant: &p });
         (p, user_joined)
     };
     // Broadcasts from now on: the cursors start at the rings' heads.
     *conn.sub.borrow_mut() =
         Some(Subscription { hub: hub.clone(), ops_cursor: hub.ops.head(), presence_cursor: hub.presence.head() });
     hub.subscribe(participant, conn.writer_waker.clone());
-    let participants: Vec<serde_json::Value> = hub
-        .participants()
-        .iter()
-        .map(|p| serde_json::json!({"connection_id": p.connection_id, "user_id": &p.user_id, "user_name": &p.user_name, "color": &p.color}))
-        .collect();
-    let reply = serde_json::json!({
-        "type": "joined_document", "document_id": &*conn.info.document, "seq": hub.seq(), "participants": participants,
-    });
+    let reply =
+        Joined { r#type: "joined_document", document_id: &conn.info.document, seq: hub.seq(), participants: &hub };
     conn.send_text(ctx, json_payload(&reply));
-    publish_presence(ctx, &hub, conn.info.id, &user_joined);
+    publish_presence(ctx, &hub, conn.info.id, user_joined);
     if let Some(since) = since {
         sync_response(ctx, conn, since);
     }
     Ok(())
 }
 
-fn publish_presence(ctx: &CoreCtx, hub: &DocumentHub, origin: u64, value: &serde_json::Value) {
-    let frame = Rc::new(OutFrame::finish(Kind::Binary, json_payload(value)));
+fn publish_presence(ctx: &CoreCtx, hub: &DocumentHub, origin: u64, payload: Vec<u8>) {
+    let frame = Rc::new(OutFrame::finish(Kind::Binary, payload));
     ctx.stats().broadcasts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     hub.publish_presence(origin, frame);
 }
@@ -402,10 +467,14 @@ pub(crate) fn leave(ctx: &CoreCtx, conn: &Conn) {
     let user_left = {
         let mut st = conn.state.borrow_mut();
         st.document_joined = false;
-        serde_json::json!({"type": "user_left", "connection_id": conn.info.id, "user_id": st.user_id.as_deref().unwrap_or("")})
+        json_payload(&UserLeft {
+            r#type: "user_left",
+            connection_id: conn.info.id,
+            user_id: st.user_id.as_deref().unwrap_or(""),
+        })
     };
     sub.hub.unsubscribe(conn.info.id);
-    publish_presence(ctx, &sub.hub, conn.info.id, &user_left);
+    publish_presence(ctx, &sub.hub, conn.info.id, user_left);
 }
 
 fn operation(ctx: &CoreCtx, conn: &Conn, env: &Envelope<'_>) -> Result<(), String> {
