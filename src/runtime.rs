@@ -448,6 +448,9 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<(OwnedFd, SocketAddr)> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_cloexec(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
+    // setsockopt here instead of one per connection.
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     let bound = socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))?;
@@ -677,7 +680,6 @@ async fn answer_and_close(ctx: &CoreCtx, mut stream: TcpStream, answer: &[u8]) {
 async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
     let limits = &ctx.config.limits;
     let Ok(peer) = stream.peer_addr() else { return };
-    let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     let timeout = async {
         sleep(Config::ms(limits.handshake_timeout_ms)).await;
