@@ -18,7 +18,9 @@
 #
 # Scenarios (see README "Performance"):
 #   fanout  1 document, 1 sender, 100 subscribers, 1 KiB payloads; --find-max raises the
-#           rate until delivery < 99% or p99 > 50 ms: sustainable deliveries/s
+#           rate x1.3 per step until delivery < 99% or p99 > 50 ms, then bisects twice
+#           between the last rate that held and the one that failed: sustainable
+#           deliveries/s
 #   rooms   1000 documents x 5 clients, every client sending 1 op/s, 256 B: server CPU%, p99
 #   storm   10,000 clients connect, authenticate and join as fast as possible: sessions/s
 #   idle    20,000 joined idle clients: server RSS per connection (fewer where
@@ -40,7 +42,7 @@ while [ $# -gt 0 ]; do
         --servers) SERVERS=$2; shift 2 ;;
         --scenarios) SCENARIOS=$2; shift 2 ;;
         --quick) QUICK=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -107,7 +109,7 @@ if [ "$QUICK" = 1 ]; then DUR=2; WARM=0.5; else DUR=5; WARM=1; fi
 
 scenario_args() {
     case $1 in
-        fanout) echo "--docs 1 --subs 100 --senders 1 --payload 1024 --find-max --rate 500 --step 1.3 --duration $DUR --warmup $WARM" ;;
+        fanout) echo "--docs 1 --subs 100 --senders 1 --payload 1024 --find-max --rate 500 --step 1.3 --refine 2 --duration $DUR --warmup $WARM" ;;
         rooms) echo "--docs 1000 --subs 0 --senders 5 --payload 256 --rate 5000 --duration $((DUR * 2)) --warmup $WARM" ;;
         storm) echo "--mode storm --connections 10000 --concurrency 1000" ;;
         idle) echo "--mode idle --connections $IDLE_CONNECTIONS --concurrency 1000" ;;

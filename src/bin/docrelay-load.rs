@@ -75,6 +75,11 @@ struct Args {
     find_max: bool,
     #[arg(long, default_value_t = 1.25)]
     step: f64,
+    /// After --find-max finds a rate that fails, bisect (geometrically) this
+    /// many times between it and the last rate that held, so the reported
+    /// maximum is not quantised to whole steps.
+    #[arg(long, default_value_t = 0)]
+    refine: u32,
     #[arg(long, default_value_t = 0.99)]
     min_delivery: f64,
     #[arg(long, default_value_t = 50.0)]
@@ -869,6 +874,19 @@ fn pin_to(cpu: usize) {
 
 /// Runs load at `rate` (or the window) for warm-up + duration, stops, waits
 /// for stragglers, and measures.
+/// Polls until no delivery has arrived for `quiet` (at most `limit`): the
+/// relay's and the sockets' queues are empty again after an overloaded step.
+fn drain(e: &mut Engine, quiet: Duration, limit: Duration) {
+    let end = Instant::now() + limit;
+    loop {
+        let before = e.stats.deliveries;
+        e.poll_until((Instant::now() + quiet).min(end), |_| false);
+        if e.stats.deliveries == before || Instant::now() >= end {
+            return;
+        }
+    }
+}
+
 fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
     let (warmup, duration) = (e.args.warmup, e.args.duration);
     e.record_from = u64::MAX;
@@ -952,13 +970,16 @@ fn run_mode(args: Args) {
     let mut steps = Vec::new();
     let mut best: Option<Step> = None;
     if args.find_max {
+        let held =
+            |step: &Step| step.delivery_ratio >= args.min_delivery && (step.p99_us as f64) <= args.max_p99_ms * 1000.0;
         let mut rate = args.rate.unwrap_or(1000.0);
+        let mut failed_at = None;
         loop {
             let step = measure(&mut e, rate, fanout);
             println!("{}", step.row());
-            let held = step.delivery_ratio >= args.min_delivery && (step.p99_us as f64) <= args.max_p99_ms * 1000.0;
             steps.push(step.clone());
-            if !held {
+            if !held(&step) {
+                failed_at = Some(rate);
                 break;
             }
             best = Some(step);
@@ -968,6 +989,23 @@ fn run_mode(args: Args) {
             }
             // Let queues drain between steps.
             e.poll_until(Instant::now() + Duration::from_millis(300), |_| false);
+        }
+        if let (Some(mut high), Some(mut low)) = (failed_at, best.as_ref().map(|b| b.rate)) {
+            for _ in 0..args.refine {
+                // The failed step may have left a backlog; the next one must
+                // not inherit its latency.
+                drain(&mut e, Duration::from_millis(500), Duration::from_secs(10));
+                let mid = (low * high).sqrt();
+                let step = measure(&mut e, mid, fanout);
+                println!("{}", step.row());
+                steps.push(step.clone());
+                if held(&step) {
+                    low = mid;
+                    best = Some(step);
+                } else {
+                    high = mid;
+                }
+            }
         }
     } else {
         let rate = args.rate.unwrap_or(1000.0);
