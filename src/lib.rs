@@ -31,3 +31,16 @@ pub use config::{Config, Cores};
 pub use registry::ConnectionManager;
 pub use runtime::{fnv1a_64, owner_core, start, RelayHandle, RelayOptions, StartError};
 pub use session::Phase;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), coloured only on
+/// a terminal. Shared by the relay and the baseline binaries.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

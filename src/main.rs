@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve { config, listen, cores, allow_insecure } => {
-            init_logging();
+            docrelay::init_logging();
             match serve(config, listen, cores, allow_insecure) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(message) => {
@@ -53,17 +53,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 fn serve(
