@@ -182,10 +182,6 @@ impl DocumentHub {
         self.ops.head() - 1
     }
 
-    pub fn participants(&self) -> Vec<Participant> {
-        self.subscribers.borrow().iter().map(|(p, _)| p.clone()).collect()
-    }
-
     /// Writes the participants as a JSON array, without copying them.
     pub fn serialize_participants<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(self.subscribers.borrow().iter().map(|(p, _)| p))

@@ -131,13 +131,13 @@ pub fn parse(data: &[u8]) -> Result<(ClientType, Envelope<'_>), (ErrorCode, &'st
 /// Builds `{"type":"error","code":...,"message":...}` as a frame payload.
 pub fn error_reply(code: ErrorCode, message: &str) -> Vec<u8> {
     #[derive(Serialize)]
-    struct Error<'a> {
+    struct ErrorReply<'a> {
         r#type: &'static str,
         code: &'static str,
         message: &'a str,
     }
     let mut buf = crate::ws::OutFrame::payload_buffer(64 + message.len());
-    let _ = serde_json::to_writer(&mut buf, &Error { r#type: "error", code: code.as_str(), message });
+    let _ = serde_json::to_writer(&mut buf, &ErrorReply { r#type: "error", code: code.as_str(), message });
     buf
 }
 
