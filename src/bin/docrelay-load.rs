@@ -152,19 +152,40 @@ fn next_frame(buf: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
     (buf.len() >= head + len).then_some((op, head..head + len))
 }
 
+/// `seq` and the send time `t` of an operation broadcast; `None` for
+/// anything else (presence). The relay's layout, `{"type":"operation",
+/// "seq":N,...,"payload":{"t":T,...}}`, is read at fixed places (the payload is
+/// the first nested object); other key orders fall back to searching.
+fn operation_fields(json: &[u8]) -> Option<(u64, Option<u64>)> {
+    const PREFIX: &[u8] = br#"{"type":"operation","seq":"#;
+    const T: &[u8] = br#"{"t":"#;
+    if json.starts_with(PREFIX) {
+        let seq = digits(&json[PREFIX.len()..])?;
+        let sent_at = json[1..]
+            .iter()
+            .position(|&b| b == b'{')
+            .map(|i| &json[1 + i..])
+            .filter(|rest| rest.starts_with(T))
+            .and_then(|rest| digits(&rest[T.len()..]))
+            .or_else(|| number_after(json, T));
+        return Some((seq, sent_at));
+    }
+    if !json.windows(18).any(|w| w == br#""type":"operation""#) {
+        return None;
+    }
+    Some((number_after(json, br#""seq":"#)?, number_after(json, T)))
+}
+
+/// The unsigned number at the start of `s`.
+fn digits(s: &[u8]) -> Option<u64> {
+    let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    (n > 0).then(|| s[..n].iter().fold(0u64, |v, &b| v * 10 + u64::from(b - b'0')))
+}
+
 /// The unsigned number right after `key` (e.g. `"seq":`) in `json`.
 fn number_after(json: &[u8], key: &[u8]) -> Option<u64> {
     let at = json.windows(key.len()).position(|w| w == key)? + key.len();
-    let mut v: u64 = 0;
-    let mut any = false;
-    for &b in &json[at..] {
-        if !b.is_ascii_digit() {
-            break;
-        }
-        v = v * 10 + u64::from(b - b'0');
-        any = true;
-    }
-    any.then_some(v)
+    digits(&json[at..])
 }
 
 // ---------------------------------------------------------------------------
@@ -240,6 +261,9 @@ struct Engine {
     record_until: u64,
     window_ops: u64,
     scratch: Vec<u8>,
+    /// When the bytes being handled were read (ns since `base`): one clock
+    /// read per `recv`, not per delivery.
+    read_at: u64,
     pad: Vec<u8>,
     payload: Vec<u8>,
     sending: bool,
@@ -274,6 +298,7 @@ impl Engine {
             record_until: u64::MAX,
             window_ops: 0,
             scratch: vec![0; 64 * 1024],
+            read_at: 0,
             payload: Vec::with_capacity(args.payload + 64),
             pad,
             sending: false,
@@ -440,6 +465,7 @@ impl Engine {
         // SAFETY: recv(2) into our buffer; non-blocking socket.
         let n = unsafe { libc::recv(fd, scratch.as_mut_ptr() as *mut libc::c_void, scratch.len(), libc::MSG_DONTWAIT) };
         if n > 0 {
+            self.read_at = self.now_ns();
             self.handle_bytes(idx, &scratch[..n as usize]);
         } else if n == 0 || errno() != libc::EAGAIN {
             self.kill(idx);
@@ -509,13 +535,7 @@ impl Engine {
     }
 
     fn broadcast(&mut self, idx: usize, json: &[u8]) {
-        // The relay puts "type" first; other servers may order keys differently.
-        let is_op =
-            json.starts_with(br#"{"type":"operation""#) || json.windows(18).any(|w| w == br#""type":"operation""#);
-        if !is_op {
-            return; // presence
-        }
-        let Some(seq) = number_after(json, br#""seq":"#) else { return };
+        let Some((seq, sent_at)) = operation_fields(json) else { return }; // presence
         let c = &mut self.clients[idx];
         if c.next_seq != 0 {
             if seq < c.next_seq {
@@ -528,10 +548,10 @@ impl Engine {
         c.next_seq = seq + 1;
         // Only operations sent inside the measurement window count, so the
         // delivery ratio compares like with like.
-        if let Some(t) = number_after(json, br#"{"t":"#) {
+        if let Some(t) = sent_at {
             if t >= self.record_from && t < self.record_until {
                 self.stats.deliveries += 1;
-                let micros = self.now_ns().saturating_sub(t) / 1000;
+                let micros = self.read_at.saturating_sub(t) / 1000;
                 let _ = self.latency.record(micros.max(1));
             }
         }
@@ -1132,4 +1152,26 @@ unsafe fn set_option<T>(fd: libc::c_int, level: libc::c_int, name: libc::c_int, 
     unsafe {
         libc::setsockopt(fd, level, name, value as *const T as *const libc::c_void, std::mem::size_of::<T>() as u32)
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operation_fields;
+
+    #[test]
+    fn reads_the_relays_layout_and_other_key_orders() {
+        let relay =
+            br#"{"type":"operation","seq":42,"connection_id":7,"user_id":"u\"{x","payload":{"t":123456,"pad":"{"}}"#;
+        // A `{` inside a string before the payload is not the payload: the
+        // search fallback still finds `t`.
+        assert_eq!(operation_fields(relay), Some((42, Some(123456))));
+        let plain = br#"{"type":"operation","seq":9,"connection_id":1,"user_id":"u","payload":{"t":77}}"#;
+        assert_eq!(operation_fields(plain), Some((9, Some(77))));
+        let reordered = br#"{"seq":5,"payload":{"t":88},"type":"operation"}"#;
+        assert_eq!(operation_fields(reordered), Some((5, Some(88))));
+        let no_time = br#"{"type":"operation","seq":3,"payload":{"x":1}}"#;
+        assert_eq!(operation_fields(no_time), Some((3, None)));
+        assert_eq!(operation_fields(br#"{"type":"user_joined","connection_id":2}"#), None);
+        assert_eq!(operation_fields(br#"{"type":"operation","seq":}"#), None);
+    }
 }
