@@ -622,10 +622,10 @@ enum HeadRead {
     Invalid(HttpError),
 }
 
-/// Reads until the request head is complete, too large, or malformed.
 /// First size of the buffer a request head is read into.
 const HEAD_BUFFER_START: usize = 1024;
 
+/// Reads until the request head is complete, too large, or malformed.
 async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, max_head: usize) -> HeadRead {
     // Room for the head plus a first frame pipelined behind it, grown as
     // needed: most heads fit the first KiB, and a storm of handshakes in
