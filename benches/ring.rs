@@ -5,7 +5,8 @@
 use std::rc::Rc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use docrelay::document::{DocumentHub, Participant, Read, Subscriber};
+use docrelay::document::{DocumentHub, Read, Subscriber};
+use docrelay::protocol::Participant;
 use docrelay::ws::{Kind, OutFrame};
 
 struct Quiet;

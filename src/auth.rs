@@ -1,4 +1,4 @@
-//! Authentication (PROTOCOL.md section 7): `dev` accepts any non-empty token
+//! Authentication (`docs/protocol.md`, "Authentication"): `dev` accepts any non-empty token
 //! as the user's id and name; `jwt` verifies a JSON Web Token (HS256 with a
 //! shared secret, or RS256/ES256 with a public key file) whose `exp` is
 //! required and whose optional `docs` claim limits the documents it opens.
@@ -6,7 +6,9 @@
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::close;
 use crate::config::{AuthMode, Config, ConfigError};
+use crate::placement::fnv1a_64;
 
 /// Who a session belongs to after a successful `authenticate`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +37,8 @@ impl AuthError {
     }
     pub fn close_code(&self) -> u16 {
         match self {
-            AuthError::Failed(_) => 4001,
-            AuthError::Forbidden(_) => 4003,
+            AuthError::Failed(_) => close::AUTH_FAILED,
+            AuthError::Forbidden(_) => close::FORBIDDEN,
         }
     }
 }
@@ -139,7 +141,7 @@ pub const PALETTE: [&str; 10] =
 
 /// A stable colour for a user id.
 pub fn palette_color(user_id: &str) -> &'static str {
-    PALETTE[(crate::fnv1a_64(user_id.as_bytes()) % PALETTE.len() as u64) as usize]
+    PALETTE[(fnv1a_64(user_id.as_bytes()) % PALETTE.len() as u64) as usize]
 }
 
 #[cfg(test)]

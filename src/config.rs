@@ -15,7 +15,9 @@ use serde::{Deserialize, Deserializer};
 pub const DEFAULT_CONFIG_TOML: &str = r#"# docrelay configuration. Every key is optional; these are the defaults.
 # Flags given to `docrelay serve` override this file.
 
-# Address the relay listens on (HTTP/1.1 and WebSocket on one port).
+# Address the relay listens on (HTTP/1.1 and WebSocket on one port): an IP
+# address or a host name such as "localhost:9001" (resolved at start; an IPv4
+# address is preferred when the name has several).
 listen = "127.0.0.1:9001"
 # CPUs to run on, one pinned executor per CPU: "all", or a list such as [0, 1].
 cores = "all"
@@ -34,7 +36,10 @@ idle_timeout_ms = 60000
 # The relay pings a client that has sent nothing for this long.
 ping_interval_ms = 20000
 # Connections open at once on the whole relay; more are closed with 4029.
-max_connections = 100000
+# Not set: derived at start from the open-file limit (ulimit -n, raised to its
+# hard limit), less a reserve for the relay's own files. A value set here that
+# the limit cannot hold is kept, and a warning says so.
+# max_connections = 100000
 # Operations and cursor updates per second per connection; 0 = unlimited.
 max_ops_per_sec = 0
 max_cursor_per_sec = 0
@@ -77,8 +82,11 @@ allowed_origins = []
 max_connections_per_ip = 0
 
 [storage]
-# Directory for durable history; empty = history in memory only.
+# Directory for durable history; empty = history in memory only. Durable
+# storage is not in this version yet: a non-empty dir is refused at start, so
+# that nobody runs without the durability they asked for.
 dir = ""
+# "always" | "batch" | "never" (used once durable storage exists).
 fsync = "batch"
 batch_ms = 2
 
@@ -179,6 +187,31 @@ fn format_cpu_list(cpus: &[usize]) -> String {
     cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
 }
 
+/// Resolves a listen address: `IP:PORT`, or `HOST:PORT` through the system
+/// resolver (an IPv4 address is preferred when the name has several).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = |why: String| ConfigError::Invalid(format!("listen: `{text}` {why}"));
+    if text.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+        return Err(bad("is not HOST:PORT (e.g. 127.0.0.1:9001 or localhost:9001)".into()));
+    }
+    let addrs: Vec<SocketAddr> = text.to_socket_addrs().map_err(|e| bad(format!("cannot be resolved: {e}")))?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| bad("resolves to no address".into()))
+}
+
+fn listen_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
 impl<'de> Deserialize<'de> for Cores {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -198,6 +231,7 @@ impl<'de> Deserialize<'de> for Cores {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     pub cores: Cores,
     pub limits: Limits,
@@ -218,7 +252,8 @@ pub struct Limits {
     pub auth_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub ping_interval_ms: u64,
-    pub max_connections: usize,
+    /// `None`: derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
     pub max_ops_per_sec: u32,
     pub max_cursor_per_sec: u32,
     pub rate_limit_grace_ms: u64,
@@ -310,7 +345,7 @@ impl Default for Limits {
             auth_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             ping_interval_ms: 20_000,
-            max_connections: 100_000,
+            max_connections: None,
             max_ops_per_sec: 0,
             max_cursor_per_sec: 0,
             rate_limit_grace_ms: 5000,
@@ -389,8 +424,8 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
-        if l.max_connections == 0 {
-            return invalid("limits.max_connections must be at least 1");
+        if l.max_connections == Some(0) {
+            return invalid("limits.max_connections must be at least 1 (or not set, to derive it from ulimit -n)");
         }
         if l.max_send_buffer_bytes < 1024 {
             return invalid("limits.max_send_buffer_bytes must be at least 1024");
@@ -407,6 +442,14 @@ impl Config {
             && self.auth.jwt_public_key_file.is_empty()
         {
             return invalid("auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file");
+        }
+        if !self.storage.dir.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "storage.dir = \"{}\": durable storage is not implemented in this version, and the relay \
+                 will not run without the durability it was asked for. Remove storage.dir to keep history \
+                 in memory only (lost on restart)",
+                self.storage.dir
+            )));
         }
         let echo = &self.testing.echo_path;
         if !echo.is_empty()
@@ -451,6 +494,36 @@ mod tests {
     fn unknown_keys_are_errors() {
         assert!(Config::from_toml("lisen = \"127.0.0.1:1\"", "t").is_err());
         assert!(Config::from_toml("[limits]\nmax_mesage_bytes = 1", "t").is_err());
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        assert_eq!(parse_listen("127.0.0.1:9001").unwrap(), "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(parse_listen("[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
+        let local = parse_listen("localhost:9001").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 9001, "{local}");
+        for bad in ["localhost", ":9001", "localhost:x", "localhost:70000"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let c = Config::from_toml("listen = \"localhost:0\"", "t").unwrap();
+        assert!(c.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn storage_dir_is_refused_until_storage_exists() {
+        let mut c = Config::default();
+        c.storage.dir = "/var/lib/docrelay".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.dir") && err.contains("not implemented"), "{err}");
+    }
+
+    #[test]
+    fn max_connections_is_derived_unless_set() {
+        assert_eq!(Config::default().limits.max_connections, None);
+        let c = Config::from_toml("[limits]\nmax_connections = 50", "t").unwrap();
+        assert_eq!(c.limits.max_connections, Some(50));
+        let c = Config::from_toml("[limits]\nmax_connections = 0", "t").unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

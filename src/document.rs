@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use serde_json::value::RawValue;
 
+use crate::protocol::Participant;
 use crate::ws::SharedFrame;
 
 /// One broadcast in a ring: who sent it (they do not receive it) and its frame.
@@ -111,15 +112,6 @@ pub struct Snapshot {
     pub state: Box<RawValue>,
 }
 
-/// A joined session as `joined_document.participants` lists it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Participant {
-    pub connection_id: u64,
-    pub user_id: String,
-    pub user_name: String,
-    pub color: String,
-}
-
 /// One document on its owner core.
 pub struct DocumentHub {
     pub id: Box<str>,
@@ -182,9 +174,9 @@ impl DocumentHub {
         self.ops.head() - 1
     }
 
-    /// Writes the participants as a JSON array, without copying them.
-    pub fn serialize_participants<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.subscribers.borrow().iter().map(|(p, _)| p))
+    /// Calls `f` with the participants, in join order, without copying them.
+    pub fn with_participants<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &Participant>) -> R) -> R {
+        f(&mut self.subscribers.borrow().iter().map(|(p, _)| p))
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -253,7 +245,7 @@ impl DocumentHub {
         }
     }
 
-    /// Answers `sync_request { since }` (PROTOCOL.md section 5).
+    /// Answers `sync_request { since }` (`docs/protocol.md`, "Relay messages").
     pub fn sync(&self, since: u64) -> Sync<'_> {
         if since > self.seq() {
             return Sync::Unavailable;

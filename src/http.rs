@@ -1,10 +1,7 @@
 //! HTTP/1.1 request heads (httparse), routing, and every non-WebSocket answer
-//! the relay gives: the 101 upgrade, 4xx errors, `/healthz` and `/metrics`.
-//! Each [`HttpError`] maps to exactly one status line in [`HttpError::response`].
-
-use std::fmt::Write as _;
-
-use crate::registry::{ConnectionManager, CoreStats, Rejection};
+//! the relay gives: the 101 upgrade, 4xx errors, `/healthz` (`docs/protocol.md`,
+//! "Endpoints"). Each [`HttpError`] maps to exactly one status line in
+//! [`HttpError::response`]. The `/metrics` body is the registry's.
 
 /// Header slots tried first; a head with more is parsed again with
 /// [`header_slots_for`] slots, so only the byte limit bounds a head.
@@ -26,8 +23,9 @@ pub enum HttpError {
     BadRequest(&'static str),
     #[error("404 not found")]
     NotFound,
+    /// With the methods the path allows, for the `Allow` header.
     #[error("405 method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed { allow: &'static str },
     #[error("426 upgrade required: {0}")]
     UpgradeRequired(&'static str),
     #[error("431 request header fields too large")]
@@ -44,20 +42,15 @@ impl HttpError {
         match self {
             HttpError::BadRequest(why) => response("400 Bad Request", "", why),
             HttpError::NotFound => response("404 Not Found", "", "not found"),
-            HttpError::MethodNotAllowed => response("405 Method Not Allowed", "Allow: GET\r\n", "method not allowed"),
+            HttpError::MethodNotAllowed { allow } => {
+                response("405 Method Not Allowed", &format!("Allow: {allow}\r\n"), "method not allowed")
+            }
             HttpError::UpgradeRequired(why) => {
                 response("426 Upgrade Required", "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n", why)
             }
             HttpError::HeadTooLarge | HttpError::TooManyHeaders => {
                 response("431 Request Header Fields Too Large", "", "request head too large")
             }
-        }
-    }
-
-    pub fn rejection(&self) -> Rejection {
-        match self {
-            HttpError::HeadTooLarge | HttpError::TooManyHeaders => Rejection::HeadTooLarge,
-            _ => Rejection::BadRequest,
         }
     }
 }
@@ -67,7 +60,8 @@ pub fn response(status: &str, extra_headers: &str, body: &str) -> Vec<u8> {
     response_typed(status, "text/plain; charset=utf-8", extra_headers, body)
 }
 
-fn response_typed(status: &str, content_type: &str, extra_headers: &str, body: &str) -> Vec<u8> {
+/// A response with a body of the given type and `Connection: close`.
+pub fn response_typed(status: &str, content_type: &str, extra_headers: &str, body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n{body}",
         body.len()
@@ -165,19 +159,16 @@ pub fn parse_head_any<'b, 'h>(
 pub enum Route<'b> {
     /// A valid WebSocket upgrade to a document; `accept` is the
     /// `Sec-WebSocket-Accept` value to answer with.
-    Document {
-        id: &'b str,
-        accept: String,
-    },
+    Document { id: &'b str, accept: String },
     /// A valid WebSocket upgrade to the echo route (`[testing] echo_path`).
-    Echo {
-        accept: String,
-    },
-    Health,
-    Metrics,
+    Echo { accept: String },
+    /// `/healthz`; `head`: answer without the body (HEAD).
+    Health { head: bool },
+    /// `/metrics`; `head`: answer without the body (HEAD).
+    Metrics { head: bool },
 }
 
-/// Decides what to answer, in the order PROTOCOL.md section 1 implies:
+/// Decides what to answer, in the order `docs/protocol.md`, "Endpoints", gives:
 /// unknown path 404, wrong method 405, bad document id 400, no upgrade 426,
 /// bad version 426, bad key or HTTP version 400.
 pub fn route<'b>(head: &Head<'b, '_>, echo_path: &str) -> Result<Route<'b>, HttpError> {
@@ -202,12 +193,14 @@ pub fn route<'b>(head: &Head<'b, '_>, echo_path: &str) -> Result<Route<'b>, Http
     } else {
         return Err(HttpError::NotFound);
     };
-    if head.method != "GET" {
-        return Err(HttpError::MethodNotAllowed);
+    let plain = matches!(target, Target::Health | Target::Metrics);
+    let head_only = plain && head.method == "HEAD";
+    if head.method != "GET" && !head_only {
+        return Err(HttpError::MethodNotAllowed { allow: if plain { "GET, HEAD" } else { "GET" } });
     }
     match target {
-        Target::Health => Ok(Route::Health),
-        Target::Metrics => Ok(Route::Metrics),
+        Target::Health => Ok(Route::Health { head: head_only }),
+        Target::Metrics => Ok(Route::Metrics { head: head_only }),
         Target::Echo => Ok(Route::Echo { accept: check_upgrade(head)? }),
         Target::Document(id) => {
             if !valid_document_id(id) {
@@ -273,63 +266,13 @@ pub fn health() -> Vec<u8> {
     response("200 OK", "", "ok")
 }
 
-/// `/metrics` in Prometheus text exposition format 0.0.4.
-pub fn metrics(m: &ConnectionManager) -> Vec<u8> {
-    let mut out = String::with_capacity(4096);
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let one = |v: u64| vec![(String::new(), v)];
-    let per_core = |f: &dyn Fn(&crate::registry::CoreStats) -> u64| {
-        m.cores().iter().enumerate().map(|(i, c)| (format!("{{core=\"{i}\"}}"), f(c))).collect::<Vec<_>>()
-    };
-    use std::sync::atomic::Ordering::Relaxed;
-    family("docrelay_connections_active", "gauge", "Connections upgraded and not yet closed.", &one(m.active() as u64));
-    family("docrelay_connections_peak", "gauge", "Most connections open at once since start.", &one(m.peak() as u64));
-    family("docrelay_connections_total", "counter", "Connections upgraded since start.", &one(m.total()));
-    family("docrelay_http_requests_total", "counter", "HTTP request heads parsed.", &one(m.http_requests()));
-    let rejections: Vec<(String, u64)> = [
-        ("bad_request", Rejection::BadRequest),
-        ("head_too_large", Rejection::HeadTooLarge),
-        ("handshake_timeout", Rejection::HandshakeTimeout),
-        ("validation", Rejection::Validation),
-        ("validation_timeout", Rejection::ValidationTimeout),
-    ]
-    .iter()
-    .map(|(label, r)| (format!("{{reason=\"{label}\"}}"), m.rejections(*r)))
-    .collect();
-    family("docrelay_rejected_total", "counter", "Connections refused before CONNECTED, by reason.", &rejections);
-    family("docrelay_auth_failures_total", "counter", "Failed authenticate messages.", &one(m.auth_failures()));
-    type Read = fn(&CoreStats) -> u64;
-    let per_core_families: [(&str, &str, &str, Read); 12] = [
-        ("docrelay_sessions", "gauge", "Connected sessions per core.", |c| c.sessions.load(Relaxed) as u64),
-        ("docrelay_documents", "gauge", "Documents loaded per core.", |c| c.documents.load(Relaxed) as u64),
-        ("docrelay_handoffs_total", "counter", "Connections adopted from another core.", |c| {
-            c.handoffs_in.load(Relaxed)
-        }),
-        ("docrelay_messages_in_total", "counter", "WebSocket messages received.", |c| c.messages_in.load(Relaxed)),
-        ("docrelay_messages_out_total", "counter", "Frames queued to clients.", |c| c.messages_out.load(Relaxed)),
-        ("docrelay_operations_total", "counter", "Operations sequenced.", |c| c.operations.load(Relaxed)),
-        ("docrelay_broadcasts_total", "counter", "Broadcast frames published to rings.", |c| {
-            c.broadcasts.load(Relaxed)
-        }),
-        ("docrelay_deliveries_total", "counter", "Broadcast frames queued to subscribers.", |c| {
-            c.deliveries.load(Relaxed)
-        }),
-        ("docrelay_lagged_total", "counter", "lagged notices sent to slow subscribers.", |c| c.lagged.load(Relaxed)),
-        ("docrelay_frames_out_total", "counter", "WebSocket frames written.", |c| c.frames_out.load(Relaxed)),
-        ("docrelay_write_syscalls_total", "counter", "Socket write system calls.", |c| c.write_syscalls.load(Relaxed)),
-        ("docrelay_rate_limited_total", "counter", "Messages dropped by rate limits.", |c| {
-            c.rate_limited.load(Relaxed)
-        }),
-    ];
-    for (name, kind, help, read) in per_core_families {
-        family(name, kind, help, &per_core(&|c| read(c)));
+/// A response cut after its head: the answer to HEAD, whose headers
+/// (`Content-Length` included) are those GET would get.
+pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
     }
-    response_typed("200 OK", "text/plain; version=0.0.4; charset=utf-8", "", &out)
+    response
 }
 
 #[cfg(test)]
@@ -350,9 +293,17 @@ mod tests {
         let ok = route_of(&raw).unwrap();
         // RFC 6455's own example key and answer.
         assert_eq!(ok, Route::Document { id: "a.b~c:d-e_f", accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into() });
-        assert_eq!(route_of("GET /healthz HTTP/1.0\r\n\r\n").unwrap(), Route::Health);
+        assert_eq!(route_of("GET /healthz HTTP/1.0\r\n\r\n").unwrap(), Route::Health { head: false });
+        assert_eq!(route_of("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap(), Route::Metrics { head: true });
+        assert_eq!(
+            route_of(&format!("HEAD /ws/documents/d HTTP/1.1\r\n{UPGRADE}")).unwrap_err(),
+            HttpError::MethodNotAllowed { allow: "GET" }
+        );
         assert_eq!(route_of("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HttpError::NotFound);
-        assert_eq!(route_of("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HttpError::MethodNotAllowed);
+        assert_eq!(
+            route_of("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(),
+            HttpError::MethodNotAllowed { allow: "GET, HEAD" }
+        );
         assert!(matches!(route_of("GET /healthz HTTP/1.1\r\n\r\n"), Err(HttpError::BadRequest(_))));
         let two_hosts = "GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
         assert!(matches!(route_of(two_hosts), Err(HttpError::BadRequest(_))));
@@ -396,6 +347,14 @@ mod tests {
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a:b\r\n".repeat(100));
         let (mut small, mut big) = ([httparse::EMPTY_HEADER; MAX_HEADERS], Vec::new());
         assert_eq!(parse_head_any(many.as_bytes(), &mut small, &mut big, 8192).unwrap().unwrap().headers.len(), 100);
+    }
+
+    #[test]
+    fn head_answers_keep_the_headers_and_drop_the_body() {
+        let full = health();
+        let cut = head_only(full.clone());
+        assert!(full.starts_with(&cut));
+        assert!(cut.ends_with(b"Content-Length: 2\r\nConnection: close\r\n\r\n"));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! io_uring (glommio).
 //!
 //! Documents are hashed to pinned cores; each core owns its documents outright,
-//! so fan-out takes no lock. See `README.md` for the architecture and
-//! `docs/protocol.md` for the wire protocol.
+//! so fan-out takes no lock. `docs/architecture.md` describes the layers and
+//! `docs/protocol.md` the wire protocol.
 //!
 //! Tests and embedders start a relay with [`start`]:
 //!
@@ -16,20 +16,36 @@
 //! relay.join();
 //! ```
 
-pub mod auth;
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+// Layers, bottom to top: each module may use only the modules declared
+// before it (scripts/layers.py checks this in CI; docs/architecture.md).
+//
+// The wire and the contract: pure, no I/O.
+pub mod clock;
+pub mod close;
 pub mod config;
-pub mod document;
 pub mod http;
-pub mod protocol;
-pub mod registry;
-pub mod runtime;
-pub mod session;
-pub mod validate;
+pub mod placement;
+// WebSocket framing, then the messages carried in frames.
 pub mod ws;
+// Client and relay messages.
+pub mod protocol;
+// Per-document and per-relay state.
+pub mod auth;
+pub mod document;
+pub mod registry;
+// Connection validation.
+pub mod validate;
+// One connection, and the per-core shard of them.
+pub mod session;
+// The process.
+pub mod runtime;
 
 pub use config::{Config, Cores};
+pub use placement::{fnv1a_64, owner_core};
 pub use registry::ConnectionManager;
-pub use runtime::{fnv1a_64, owner_core, start, RelayHandle, RelayOptions, StartError};
+pub use runtime::{start, RelayHandle, RelayOptions, StartError};
 pub use session::Phase;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), coloured only on

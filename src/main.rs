@@ -1,4 +1,4 @@
-//! The `docrelay` command: `serve` and `print-config` (PROTOCOL.md section 10).
+//! The `docrelay` command: `serve` and `print-config` (README, "Run it").
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,9 +21,9 @@ enum Command {
         /// TOML configuration file; flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Address to listen on, e.g. 127.0.0.1:9001.
+        /// Address to listen on: 127.0.0.1:9001, [::1]:9001 or localhost:9001.
         #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
+        listen: Option<String>,
         /// CPUs to run on: `all`, or a list like `0,2-3`.
         #[arg(long)]
         cores: Option<String>,
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
 
 fn serve(
     file: Option<PathBuf>,
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<String>,
     cores: Option<String>,
     allow_insecure: bool,
 ) -> Result<(), String> {
@@ -66,14 +66,15 @@ fn serve(
         None => Config::default(),
     };
     if let Some(addr) = listen {
-        config.listen = addr;
+        config.listen = docrelay::config::parse_listen(&addr).map_err(|e| e.to_string())?;
     }
     if let Some(c) = cores {
         config.cores = Cores::parse(&c).map_err(|e| e.to_string())?;
     }
     // Register for signals before the relay starts, so none is lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
-    let relay = docrelay::start(config, RelayOptions { allow_insecure, validator: None }).map_err(|e| e.to_string())?;
+    let relay = docrelay::start(config, RelayOptions { allow_insecure, ..RelayOptions::default() })
+        .map_err(|e| e.to_string())?;
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down: closing sessions with 1001");
     }

@@ -33,6 +33,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use crate::close;
 use crate::config::Config;
 use crate::registry::ConnectionManager;
 
@@ -69,7 +70,8 @@ impl<'a> ValidationRequest<'a> {
 /// The verdict a validator reaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Not decided yet (publishing this counts as a failure with 4000).
+    /// Not decided yet (publishing this counts as a failure with
+    /// [`close::VALIDATION_FAILED`]).
     Pending,
     Accept,
     /// Close with this code (4000..=4999) and reason.
@@ -95,7 +97,7 @@ impl ValidationResult {
     /// Refuses the connection with a close code in 4000..=4999 (anything else
     /// is replaced by 4000) and a reason (cut to fit a Close frame).
     pub fn validation_failure(&mut self, code: u16, reason: impl Into<String>) {
-        let code = if (4000..=4999).contains(&code) { code } else { 4000 };
+        let code = if close::is_validator_code(code) { code } else { close::VALIDATION_FAILED };
         self.verdict = Verdict::Reject { code, reason: reason.into() };
     }
 
@@ -240,7 +242,7 @@ pub struct Refusal {
     pub reason: &'static str,
 }
 
-/// The built-in validators (PROTOCOL.md section 2), all on together. On
+/// The built-in validators (`docs/protocol.md`, "Session lifecycle"), all on together. On
 /// success, says whether the connection was counted against its IP (it must
 /// then be uncounted when it ends).
 pub(crate) fn builtin(
@@ -253,18 +255,19 @@ pub(crate) fn builtin(
         if let Some(origin) = request.header("origin") {
             let origin = origin.trim_ascii();
             if !allowed.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(origin)) {
-                return Err(Refusal { code: 4010, reason: "origin not allowed" });
+                return Err(Refusal { code: close::ORIGIN_NOT_ALLOWED, reason: "origin not allowed" });
             }
         }
     }
     // The connection is already registered, so it counts itself.
-    if registry.active() > config.limits.max_connections {
-        return Err(Refusal { code: 4029, reason: "relay full" });
+    // `start` fills in the derived limit, so None only means "no limit".
+    if registry.active() > config.limits.max_connections.unwrap_or(usize::MAX) {
+        return Err(Refusal { code: close::TOO_MANY_CONNECTIONS, reason: "relay full" });
     }
     let per_ip = config.validation.max_connections_per_ip;
     if per_ip > 0 {
         if !registry.try_add_ip(request.peer.ip(), per_ip) {
-            return Err(Refusal { code: 4029, reason: "too many connections" });
+            return Err(Refusal { code: close::TOO_MANY_CONNECTIONS, reason: "too many connections" });
         }
         return Ok(true);
     }

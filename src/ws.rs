@@ -16,16 +16,7 @@ use std::rc::Rc;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-/// Close codes the relay sends (PROTOCOL.md section 8).
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL: u16 = 1002;
-    pub const INVALID_DATA: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
-}
+use crate::close;
 
 /// A protocol violation by the peer: the connection is failed with this close code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,11 +35,10 @@ impl WsError {
 /// Something complete that arrived from the peer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// A whole data message; Text messages are already checked to be UTF-8.
-    Message {
-        binary: bool,
-        data: &'a [u8],
-    },
+    /// A whole Text message, checked to be UTF-8 (once, here).
+    Text(&'a str),
+    /// A whole Binary message.
+    Binary(&'a [u8]),
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// The peer's Close, already validated: code (if any) and UTF-8 reason.
@@ -82,41 +72,72 @@ impl FrameReader {
         FrameReader { max_message, partial: Vec::new(), message: Vec::new(), in_message: None, utf8_valid: 0 }
     }
 
-    /// Bytes held between reads (memory this connection costs beyond its socket).
-    pub fn buffered(&self) -> usize {
-        self.partial.capacity() + self.message.capacity()
-    }
-
     /// Feeds bytes just read from the socket. `input` may be modified (frames
     /// are unmasked in place). Calls `on_event` for each complete event.
     pub fn feed(&mut self, input: &mut [u8], mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<Flow, WsError> {
-        if self.partial.is_empty() {
-            let used = self.parse(input, &mut on_event)?;
-            if let Some(used) = used {
+        let mut input = input;
+        if !self.partial.is_empty() {
+            // A frame was split across reads: complete it in our own buffer
+            // with only the bytes it lacks, then parse the rest in place.
+            loop {
+                let missing = self.missing()?;
+                if missing == 0 {
+                    break;
+                }
+                let n = missing.min(input.len());
+                let (head, rest) = std::mem::take(&mut input).split_at_mut(n);
+                self.partial.extend_from_slice(head);
+                input = rest;
+                if input.is_empty() && self.missing()? > 0 {
+                    return Ok(Flow::Continue);
+                }
+            }
+            let mut frame = std::mem::take(&mut self.partial);
+            // `frame` holds exactly one frame, so parsing consumes all of it.
+            if self.parse(&mut frame, &mut on_event)?.is_none() {
+                return Ok(Flow::Stop);
+            }
+            // Its buffer is dropped: a big frame must not pin memory while
+            // the connection idles.
+        }
+        match self.parse(input, &mut on_event)? {
+            Some(used) => {
                 if used < input.len() {
                     self.partial.extend_from_slice(&input[used..]);
                 }
-                return Ok(Flow::Continue);
-            }
-            return Ok(Flow::Stop);
-        }
-        // A frame was split across reads: continue it in our own buffer.
-        let mut buf = std::mem::take(&mut self.partial);
-        buf.extend_from_slice(input);
-        let result = self.parse(&mut buf, &mut on_event);
-        match result {
-            Ok(Some(used)) => {
-                buf.drain(..used);
-                if buf.is_empty() {
-                    // Give memory back once idle: a big frame must not pin its buffer.
-                    buf = Vec::new();
-                }
-                self.partial = buf;
                 Ok(Flow::Continue)
             }
-            Ok(None) => Ok(Flow::Stop),
-            Err(e) => Err(e),
+            None => Ok(Flow::Stop),
         }
+    }
+
+    /// How many more bytes the frame begun in `partial` needs to be whole
+    /// (its header first, then its payload). Never more than that frame, so
+    /// bytes of the next one are never copied.
+    fn missing(&self) -> Result<usize, WsError> {
+        let have = self.partial.len();
+        if have < 2 {
+            return Ok(2 - have);
+        }
+        let length_bytes = match self.partial[1] & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask_bytes = if self.partial[1] & 0x80 != 0 { 4 } else { 0 };
+        let header_len = 2 + length_bytes + mask_bytes;
+        if have < header_len {
+            return Ok(header_len - have);
+        }
+        let mut cursor = Cursor::new(&self.partial[..]);
+        let (header, len) = match FrameHeader::parse(&mut cursor) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(1), // cannot happen with the whole header present
+            Err(_) => return Err(WsError::new(close::PROTOCOL, "reserved opcode")),
+        };
+        self.check_header(&header, len)?;
+        // `len` is bounded by max_message in check_header.
+        Ok((header_len + len as usize).saturating_sub(have))
     }
 
     /// Parses whole frames from `buf`. Returns how many bytes were consumed
@@ -206,11 +227,13 @@ impl FrameReader {
                 Err(WsError::new(close::PROTOCOL, "reserved opcode"))
             }
             OpCode::Data(Data::Text | Data::Binary) if h.is_final => {
-                let binary = h.opcode == OpCode::Data(Data::Binary);
-                if !binary && std::str::from_utf8(payload).is_err() {
-                    return Err(WsError::new(close::INVALID_DATA, "invalid UTF-8 in text message"));
+                if h.opcode == OpCode::Data(Data::Binary) {
+                    return Ok(on_event(Event::Binary(payload)));
                 }
-                Ok(on_event(Event::Message { binary, data: payload }))
+                match std::str::from_utf8(payload) {
+                    Ok(text) => Ok(on_event(Event::Text(text))),
+                    Err(_) => Err(WsError::new(close::INVALID_DATA, "invalid UTF-8 in text message")),
+                }
             }
             OpCode::Data(d) => {
                 if let Data::Text | Data::Binary = d {
@@ -220,14 +243,15 @@ impl FrameReader {
                 }
                 self.message.extend_from_slice(payload);
                 let text = self.in_message == Some(Data::Text);
-                if text {
+                if text && !h.is_final {
                     // Fail fast: check what arrived so far, allowing a code point
-                    // cut at the end of a fragment.
+                    // cut at the end of a fragment. The last fragment is left to
+                    // the whole-message check below, which yields the `&str`.
                     match std::str::from_utf8(&self.message[self.utf8_valid..]) {
                         Ok(_) => self.utf8_valid = self.message.len(),
                         Err(e) => {
                             let cut_at_end = e.error_len().is_none();
-                            if !cut_at_end || h.is_final {
+                            if !cut_at_end {
                                 return Err(WsError::new(close::INVALID_DATA, "invalid UTF-8 in text message"));
                             }
                             self.utf8_valid += e.valid_up_to();
@@ -239,7 +263,14 @@ impl FrameReader {
                 }
                 self.in_message = None;
                 let message = std::mem::take(&mut self.message);
-                let flow = on_event(Event::Message { binary: !text, data: &message });
+                let flow = if text {
+                    match std::str::from_utf8(&message) {
+                        Ok(t) => on_event(Event::Text(t)),
+                        Err(_) => return Err(WsError::new(close::INVALID_DATA, "invalid UTF-8 in text message")),
+                    }
+                } else {
+                    on_event(Event::Binary(&message))
+                };
                 // Keep a modest buffer for the next fragmented message; free big ones.
                 if message.capacity() <= 4096 {
                     self.message = message;
@@ -437,9 +468,8 @@ mod tests {
             let mut c = c.to_vec();
             r.feed(&mut c, |e| {
                 seen.push(match e {
-                    Event::Message { binary, data } => {
-                        format!("{}:{}", if binary { "bin" } else { "text" }, String::from_utf8_lossy(data))
-                    }
+                    Event::Text(t) => format!("text:{t}"),
+                    Event::Binary(b) => format!("bin:{}", String::from_utf8_lossy(b)),
                     Event::Ping(p) => format!("ping:{}", String::from_utf8_lossy(p)),
                     Event::Pong(p) => format!("pong:{}", String::from_utf8_lossy(p)),
                     Event::Close(c) => format!("close:{c:?}"),

@@ -612,7 +612,7 @@ fn stalled_reader_is_not_closed_and_not_buffered_for() {
     assert_eq!(seqs(&fast_ops), (1..=n).collect::<Vec<_>>());
     // Still there, on the relay's side too.
     assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 3);
-    assert_eq!(metric(addr, "docrelay_connections_active"), 3);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 3);
 
     let r = read_through_lag(&mut slow, n, pings, "slow");
     assert_one_announced_gap(&r, n, "slow");
@@ -816,7 +816,7 @@ fn documents_unload_when_idle_and_not_before() {
     b.close(None).unwrap();
     while b.read().is_ok() {}
     eventually("the idle document is unloaded", || documents() == 0);
-    eventually("b's connection is gone", || metric(addr, "docrelay_connections_active") == 1);
+    eventually("b's connection is gone", || metric(addr, "docrelay_active_connections") == 1);
 
     // A fresh document: seq 0, empty history.
     assert_eq!(join(&mut a, "a")["seq"], 0, "a new join after the unload starts at seq 0");
@@ -828,7 +828,7 @@ fn documents_unload_when_idle_and_not_before() {
 
     a.close(None).unwrap();
     while a.read().is_ok() {}
-    eventually("no connection is left", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("no connection is left", || metric(addr, "docrelay_active_connections") == 0);
     eventually("no session is left", || metric_sum(addr, "docrelay_sessions", cores) == 0);
     eventually("no document is left", || metric_sum(addr, "docrelay_documents", cores) == 0);
 }

@@ -338,7 +338,8 @@ fn other_methods_on_known_paths_get_405_with_allow_get() {
             let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
             let r = exchange(addr, req.as_bytes());
             assert_status(&r, 405, &req);
-            assert_eq!(r.header("allow"), Some("GET"), "{}", r.raw);
+            let allow = if path.starts_with("/ws/") { "GET" } else { "GET, HEAD" };
+            assert_eq!(r.header("allow"), Some(allow), "{}", r.raw);
         }
     }
 }
@@ -674,9 +675,12 @@ fn metrics_is_valid_prometheus_text_with_every_core() {
     assert!(content_type.starts_with("text/plain; version=0.0.4"), "Content-Type: {content_type}");
     let samples = parse_exposition(&r.body);
     let families: BTreeSet<&str> = samples.iter().map(|(f, _)| f.as_str()).collect();
-    for required in
-        ["docrelay_connections_active", "docrelay_connections_peak", "docrelay_connections_total", "docrelay_sessions"]
-    {
+    for required in [
+        "docrelay_active_connections",
+        "docrelay_peak_concurrent_connections",
+        "docrelay_connections_total",
+        "docrelay_sessions",
+    ] {
         assert!(families.contains(required), "no {required} in:\n{}", r.body);
     }
     // Per-core families have one sample for every core, and only those.
@@ -715,22 +719,22 @@ fn metrics_is_valid_prometheus_text_with_every_core() {
 fn connection_counters_follow_sessions() {
     let relay = start(config());
     let addr = relay.local_addr();
-    assert_eq!(metric(addr, "docrelay_connections_active"), 0);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 0);
     let mut clients: Vec<Client> = (0..3).map(|i| connect(addr, &format!("/ws/documents/count-{i}"))).collect();
     for ws in &mut clients {
         // Once a session answers, it is registered on its core.
         ping_pong(ws);
     }
-    assert_eq!(metric(addr, "docrelay_connections_active"), 3);
-    assert_eq!(metric(addr, "docrelay_connections_peak"), 3);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 3);
+    assert_eq!(metric(addr, "docrelay_peak_concurrent_connections"), 3);
     assert_eq!(metric(addr, "docrelay_connections_total"), 3);
     for mut ws in clients {
         ws.close(None).unwrap();
         // Until the relay's Close answer ends the session.
         while ws.read().is_ok() {}
     }
-    eventually("active connections back to 0", || metric(addr, "docrelay_connections_active") == 0);
-    assert_eq!(metric(addr, "docrelay_connections_peak"), 3, "peak must stay");
+    eventually("active connections back to 0", || metric(addr, "docrelay_active_connections") == 0);
+    assert_eq!(metric(addr, "docrelay_peak_concurrent_connections"), 3, "peak must stay");
     assert_eq!(metric(addr, "docrelay_connections_total"), 3);
     let sessions: u64 =
         (0..relay.cpus().len()).map(|c| metric(addr, &format!("docrelay_sessions{{core=\"{c}\"}}"))).sum();
@@ -738,8 +742,8 @@ fn connection_counters_follow_sessions() {
     // A new connection raises total, not peak.
     let mut ws = connect(addr, "/ws/documents/count-again");
     ping_pong(&mut ws);
-    assert_eq!(metric(addr, "docrelay_connections_active"), 1);
-    assert_eq!(metric(addr, "docrelay_connections_peak"), 3);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 1);
+    assert_eq!(metric(addr, "docrelay_peak_concurrent_connections"), 3);
     assert_eq!(metric(addr, "docrelay_connections_total"), 4);
 }
 
@@ -828,7 +832,7 @@ fn bad_input_never_affects_other_sessions() {
             assert_eq!(request(ws, r#"{"type":"ping"}"#)["type"], "pong", "session {i}, round {round}");
         }
     }
-    assert_eq!(metric(addr, "docrelay_connections_active"), 4);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 4);
     drop(stalled);
     for ws in &mut sessions {
         ping_pong(ws);

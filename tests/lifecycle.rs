@@ -39,7 +39,7 @@ type Held = mpsc::Receiver<(String, ValidationResult, ValidationResultPublisher)
 fn start_gated(config: Config) -> (RelayHandle, Held) {
     let (tx, rx) = mpsc::channel();
     let relay =
-        start_with(config, RelayOptions { allow_insecure: false, validator: Some(Arc::new(Gate(Mutex::new(tx)))) });
+        start_with(config, RelayOptions { validator: Some(Arc::new(Gate(Mutex::new(tx)))), ..RelayOptions::default() });
     (relay, rx)
 }
 
@@ -124,16 +124,16 @@ fn connection_is_registered_while_validating() {
     let (doc, result, publisher) = held.recv_timeout(Duration::from_secs(10)).expect("the validator runs");
     assert_eq!(doc, "reg");
     // The validator is called after the registration.
-    assert_eq!(metric(addr, "docrelay_connections_active"), 1);
-    assert!(metric(addr, "docrelay_connections_peak") >= 1);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 1);
+    assert!(metric(addr, "docrelay_peak_concurrent_connections") >= 1);
     assert_eq!(metric(addr, "docrelay_connections_total"), 1);
     assert_eq!(sessions_sum(addr, cores), 0, "not CONNECTED before the verdict");
 
     accept(result, &publisher);
     assert_pong(&mut ws);
     assert_eq!(sessions_sum(addr, cores), 1);
-    assert_eq!(metric(addr, "docrelay_connections_active"), 1);
-    assert_eq!(metric(addr, "docrelay_connections_peak"), 1);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 1);
+    assert_eq!(metric(addr, "docrelay_peak_concurrent_connections"), 1);
 }
 
 /// Statistics go back down whichever way a session ends: the client's
@@ -150,7 +150,7 @@ fn counts_drop_back_after_close_and_abrupt_drop() {
     }
     let (fin, _) = raw_session(addr, "/ws/documents/count-fin");
     let (rst, _) = raw_session(addr, "/ws/documents/count-rst");
-    assert_eq!(metric(addr, "docrelay_connections_active"), 6);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 6);
     assert_eq!(sessions_sum(addr, cores), 6);
 
     // Three close properly: the relay echoes the Close and lets go.
@@ -172,10 +172,10 @@ fn counts_drop_back_after_close_and_abrupt_drop() {
     set_linger_zero(&rst);
     drop(rst);
 
-    eventually("only one connection is left", || metric(addr, "docrelay_connections_active") == 1);
+    eventually("only one connection is left", || metric(addr, "docrelay_active_connections") == 1);
     eventually("only one session is left", || sessions_sum(addr, cores) == 1);
     assert_eq!(metric(addr, "docrelay_connections_total"), 6);
-    assert_eq!(metric(addr, "docrelay_connections_peak"), 6);
+    assert_eq!(metric(addr, "docrelay_peak_concurrent_connections"), 6);
     let mut keep = keep;
     assert_pong(&mut keep);
 }
@@ -272,7 +272,7 @@ fn client_that_stopped_reading_is_disconnected_and_unregistered() {
     let (mut stuck, _) = raw_session(addr, "/ws/documents/stuck");
     set_small_buffers(&stuck);
     flood_with_pings_until_blocked(&mut stuck, addr, cores);
-    eventually("the stuck client is unregistered", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the stuck client is unregistered", || metric(addr, "docrelay_active_connections") == 0);
     assert_eq!(sessions_sum(addr, cores), 0);
 }
 
@@ -290,7 +290,7 @@ fn client_that_stopped_reading_then_reset_is_unregistered() {
     flood_with_pings_until_blocked(&mut stuck, addr, cores);
     set_linger_zero(&stuck);
     drop(stuck);
-    eventually("the reset client is unregistered", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the reset client is unregistered", || metric(addr, "docrelay_active_connections") == 0);
     assert_eq!(sessions_sum(addr, cores), 0);
     let mut other = connect(addr, "/ws/documents/stuck");
     assert_pong(&mut other);
@@ -314,7 +314,7 @@ fn send_buffer_overflow_closes_with_1008_and_the_relay_survives() {
     }
     // 64 Pings in one write: about 8 KiB of Pongs from one read.
     flooder.write_all(&burst).unwrap();
-    eventually("the flooder is gone", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the flooder is gone", || metric(addr, "docrelay_active_connections") == 0);
     let mut other = connect(addr, "/ws/documents/other");
     assert_pong(&mut other);
     // The flooder's stream ends with the 1008 Close after the Pongs that fit.
@@ -388,7 +388,7 @@ fn relay_with_handshakes_in_progress() -> (RelayHandle, Held, TcpStream, Client)
     let (doc, result, publisher) = held.recv_timeout(Duration::from_secs(10)).expect("the validator runs");
     assert_eq!(doc, "validating");
     // (The half head registers nothing; only the upgraded one counts.)
-    assert_eq!(metric(addr, "docrelay_connections_active"), 1);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 1);
     // Hand the held verdict back through the channel for tests that want it.
     let (tx, rx) = mpsc::channel();
     tx.send((doc, result, publisher)).unwrap();

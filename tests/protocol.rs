@@ -48,7 +48,7 @@ impl Drop for Relay {
     }
 }
 
-/// `docrelay_connections_active`, without panicking (used in `Drop`).
+/// `docrelay_active_connections`, without panicking (used in `Drop`).
 fn active_connections(addr: SocketAddr) -> Option<u64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
@@ -56,7 +56,7 @@ fn active_connections(addr: SocketAddr) -> Option<u64> {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.lines().find_map(|l| l.strip_prefix("docrelay_connections_active ")).and_then(|v| v.trim().parse().ok())
+    body.lines().find_map(|l| l.strip_prefix("docrelay_active_connections ")).and_then(|v| v.trim().parse().ok())
 }
 
 fn test_config(f: impl FnOnce(&mut Config)) -> Config {
@@ -824,7 +824,7 @@ fn a_joined_session_that_ends_is_announced_as_user_left() {
     assert_eq!(ask(&mut left, r#"{"type":"leave_document"}"#)["type"], "left_document");
     assert_eq!(broadcast(&mut watcher)["type"], "user_left");
     drop(left);
-    eventually("only the watcher is still connected", || metric(addr, "docrelay_connections_active") == 1);
+    eventually("only the watcher is still connected", || metric(addr, "docrelay_active_connections") == 1);
     let (_marker, marker_id) = joined(addr, "gone", "marker");
     assert_eq!(broadcast(&mut watcher)["connection_id"], marker_id, "nothing before the marker's user_joined");
     let j = join_count(addr, "gone");

@@ -39,7 +39,7 @@ fn start_validated<F>(config: Config, f: F) -> RelayHandle
 where
     F: Fn(&ValidationRequest<'_>, ValidationResult, &ValidationResultPublisher) + Send + Sync + 'static,
 {
-    start_with(config, RelayOptions { allow_insecure: false, validator: Some(Arc::new(FnValidator(f))) })
+    start_with(config, RelayOptions { validator: Some(Arc::new(FnValidator(f))), ..RelayOptions::default() })
 }
 
 /// The documented retry loop: publish, and while the queue is full, wait a
@@ -179,7 +179,7 @@ fn max_connections_per_ip_rejects_with_4029_and_frees_on_close() {
     drop(third);
 
     close_client(a);
-    eventually("the closed and the rejected connection are gone", || metric(addr, "docrelay_connections_active") == 1);
+    eventually("the closed and the rejected connection are gone", || metric(addr, "docrelay_active_connections") == 1);
     let mut again = connect(addr, "/ws/documents/ip3");
     assert_pong(&mut again);
     assert_pong(&mut b);
@@ -208,12 +208,12 @@ fn per_ip_slot_is_released_after_application_rejection_or_timeout() {
     let mut bad = connect(addr, "/ws/documents/slot?token=bad");
     assert_rejected(&mut bad, 4007, "bad token");
     drop(bad);
-    eventually("the rejected connection is gone", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the rejected connection is gone", || metric(addr, "docrelay_active_connections") == 0);
 
     let mut never = connect(addr, "/ws/documents/slot?token=never");
     assert_eq!(expect_close(&mut never), (1011, "validation timed out".to_string()));
     drop(never);
-    eventually("the timed-out connection is gone", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the timed-out connection is gone", || metric(addr, "docrelay_active_connections") == 0);
 
     let mut good = connect(addr, "/ws/documents/slot?token=good");
     assert_pong(&mut good);
@@ -224,7 +224,7 @@ fn per_ip_slot_is_released_after_application_rejection_or_timeout() {
 #[test]
 fn max_connections_rejects_with_4029_relay_full() {
     let mut c = short_config();
-    c.limits.max_connections = 2;
+    c.limits.max_connections = Some(2);
     let relay = start(c);
     let addr = relay.local_addr();
 
@@ -237,7 +237,7 @@ fn max_connections_rejects_with_4029_relay_full() {
     drop(third);
 
     close_client(a);
-    eventually("one slot is free again", || metric(addr, "docrelay_connections_active") == 1);
+    eventually("one slot is free again", || metric(addr, "docrelay_active_connections") == 1);
     let mut again = connect(addr, "/ws/documents/full3");
     assert_pong(&mut again);
     assert_pong(&mut b);
@@ -337,7 +337,7 @@ fn slow_validator_does_not_delay_other_connections_on_its_core() {
     // The slow one is still VALIDATING: nothing for it, not a session yet.
     assert!(!has_input(&slow), "the slow connection got something before its verdict");
     assert_eq!(metric(addr, "docrelay_sessions{core=\"0\"}"), 1);
-    assert_eq!(metric(addr, "docrelay_connections_active"), 2);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 2);
 
     slow_result.validation_success();
     let worker = std::thread::spawn(move || publish_retrying(&slow_publisher, slow_result));
@@ -380,7 +380,7 @@ fn validator_that_never_answers_times_out_with_1011_and_late_verdict_is_discarde
 
     // The late verdict is taken by the (live) core and dropped.
     assert_eq!(late_rx.recv_timeout(Duration::from_secs(10)).expect("late verdict published"), Ok(0));
-    eventually("the timed-out connection is gone", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the timed-out connection is gone", || metric(addr, "docrelay_active_connections") == 0);
 
     // The relay keeps working, and the stale verdict touches nobody.
     let mut ok = connect(addr, "/ws/documents/t1?token=ok");
@@ -562,13 +562,13 @@ fn rejections_are_counted_and_rejected_connections_unregister() {
     assert_eq!(metric(addr, "docrelay_rejected_total{reason=\"validation\"}"), 4);
     assert_eq!(metric(addr, "docrelay_connections_total"), 4);
     assert_eq!(sessions_sum(addr, cores), 0, "a rejected connection never becomes a session");
-    eventually("rejected connections are unregistered", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("rejected connections are unregistered", || metric(addr, "docrelay_active_connections") == 0);
     drop(raw);
 
     let mut ok = connect(addr, "/ws/documents/r0?token=good");
     assert_pong(&mut ok);
     assert_eq!(metric(addr, "docrelay_rejected_total{reason=\"validation\"}"), 4);
-    assert_eq!(metric(addr, "docrelay_connections_active"), 1);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 1);
 }
 
 /// After the relay's Close (answered by tungstenite), the relay ends the

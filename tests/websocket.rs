@@ -599,7 +599,7 @@ fn protocol_error_pipelined_behind_the_upgrade() {
         assert_eq!(raw.next_close("reserved opcode behind the upgrade").0, 1002);
         raw.expect_eof("reserved opcode behind the upgrade");
     }
-    eventually("the failed sessions are gone", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the failed sessions are gone", || metric(addr, "docrelay_active_connections") == 0);
     eventually("no session left on any core", || sessions_total(addr, relay.cpus().len()) == 0);
 }
 
@@ -678,7 +678,7 @@ fn message_size_limit() {
     assert_eq!(request(&mut healthy, r#"{"type":"ping"}"#)["type"], "pong", "healthy client after the 1009s");
     raw.assert_alive("the at-limit session after the others");
     // Every failed session ended; the two healthy ones remain.
-    eventually("only the healthy sessions remain", || metric(addr, "docrelay_connections_active") == 2);
+    eventually("only the healthy sessions remain", || metric(addr, "docrelay_active_connections") == 2);
 }
 
 // ---------------------------------------------------------------- 9, 12. after a relay Close
@@ -698,7 +698,7 @@ fn unanswered_relay_close_is_dropped_after_the_close_timeout() {
     raw.expect_eof("after the relay's Close");
     // ... and gives up on the handshake after close_timeout_ms, although this
     // client keeps its socket open and says nothing.
-    eventually("the silent session is gone", || metric(addr, "docrelay_connections_active") == 1);
+    eventually("the silent session is gone", || metric(addr, "docrelay_active_connections") == 1);
     eventually("the silent session is unregistered from its core", || sessions_total(addr, cores) == 1);
     assert_eq!(request(&mut healthy, r#"{"type":"ping"}"#)["type"], "pong");
     drop(raw);
@@ -717,11 +717,11 @@ fn relay_close_waits_for_the_clients_close() {
     assert_eq!(raw.next_close("Ping too long").0, 1002);
     // Still waiting for the client's reply: the connection is not gone.
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(metric(addr, "docrelay_connections_active"), 1, "relay dropped the connection before the reply");
+    assert_eq!(metric(addr, "docrelay_active_connections"), 1, "relay dropped the connection before the reply");
     raw.send_frame(true, CLOSE, &close_frame_payload(1002, b""));
     raw.s.shutdown(Shutdown::Write).unwrap();
     raw.expect_eof("after the client's reply Close");
-    eventually("the session ends after the client's reply", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the session ends after the client's reply", || metric(addr, "docrelay_active_connections") == 0);
 }
 
 /// RFC 6455 7.1.1: once an endpoint has sent and received a Close it MUST
@@ -741,7 +741,7 @@ fn session_ends_once_the_client_answers_the_relays_close() {
     raw.expect_eof("after the client's reply Close");
     // The client keeps its socket open; the handshake is complete anyway.
     eventually("the session ends once both Close frames were exchanged", || {
-        metric(addr, "docrelay_connections_active") == 0
+        metric(addr, "docrelay_active_connections") == 0
     });
 }
 
@@ -760,7 +760,7 @@ fn idle_close_reply_ends_the_session() {
     assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
     raw.send_frame(true, CLOSE, &close_frame_payload(1001, b""));
     raw.expect_eof("after the client's reply");
-    eventually("the session ends after the client's reply", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the session ends after the client's reply", || metric(addr, "docrelay_active_connections") == 0);
 }
 
 // ---------------------------------------------------------------- 10. idle
@@ -788,7 +788,7 @@ fn silent_client_is_pinged_then_closed_1001() {
     // Not before the idle timeout (a functional bound, not a speed check).
     assert!(started.elapsed() >= Duration::from_millis(400), "closed after {:?}", started.elapsed());
     raw.expect_eof("after the idle close");
-    eventually("the idle session is gone", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("the idle session is gone", || metric(addr, "docrelay_active_connections") == 0);
 }
 
 #[test]
@@ -827,7 +827,7 @@ fn active_clients_are_not_closed_for_idleness() {
     assert!(pings_seen > 0, "the relay never pinged the silent-but-responsive client");
     set_timeout(&listener, Duration::from_secs(10));
     assert_eq!(request(&mut listener, r#"{"type":"ping"}"#)["type"], "pong");
-    assert_eq!(metric(addr, "docrelay_connections_active"), 2);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 2);
 }
 
 // ---------------------------------------------------------------- 11. volume
@@ -922,7 +922,7 @@ fn sessions_are_unregistered_when_clients_leave() {
     for r in &mut raws {
         r.assert_alive("raw client");
     }
-    assert_eq!(metric(addr, "docrelay_connections_active"), 10);
+    assert_eq!(metric(addr, "docrelay_active_connections"), 10);
     assert_eq!(sessions_total(addr, cores), 10);
 
     // Ways to leave: close handshake, TCP close without a Close frame, a
@@ -943,7 +943,7 @@ fn sessions_are_unregistered_when_clients_leave() {
     }
     raws[3].s.shutdown(Shutdown::Both).unwrap();
 
-    eventually("connections_active back to 0", || metric(addr, "docrelay_connections_active") == 0);
+    eventually("connections_active back to 0", || metric(addr, "docrelay_active_connections") == 0);
     eventually("sessions on every core back to 0", || sessions_total(addr, cores) == 0);
     assert_eq!(metric(addr, "docrelay_connections_total"), 10);
     drop(raws);

@@ -153,7 +153,7 @@ pub fn raw_expect_close(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<u16>
 }
 
 /// Scrapes /metrics and returns the value of one sample line, e.g.
-/// `docrelay_sessions{core="0"}` or `docrelay_connections_active`.
+/// `docrelay_sessions{core="0"}` or `docrelay_active_connections`.
 pub fn metric(addr: SocketAddr, sample: &str) -> u64 {
     let body = raw_http(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
     body.lines()

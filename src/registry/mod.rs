@@ -5,55 +5,74 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use sharded_slab::Slab;
 
-use crate::session::Phase;
+use crate::http::HttpError;
+use crate::placement::fnv1a_64;
 
-/// One registered connection, as other cores may see it.
+mod metrics;
+
+/// One registered connection, as any core may see it.
 #[derive(Debug)]
 pub struct ConnEntry {
     pub id: u64,
     pub peer: SocketAddr,
     pub document: Box<str>,
-    core: AtomicUsize,
-    phase: AtomicU8,
 }
 
-impl ConnEntry {
-    pub fn core(&self) -> usize {
-        self.core.load(Relaxed)
+/// A statistic written by one thread only (its core) and read by any (for
+/// `/metrics`). Updates are a relaxed load and store, not a read-modify-write:
+/// no locked instruction on the hot path, and a reader on another core sees
+/// every published value whole.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning core may call this (one writer).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
     }
-    pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Relaxed))
+
+    /// Subtracts `n` (gauges). Only the owning core may call this.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+
+    /// The last published value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
     }
 }
 
-/// Counters kept per core, written only by that core (relaxed atomics, each
-/// core's block on its own cache lines) and read by `/metrics` on any core.
+/// Counters kept per core, written only by that core and read by `/metrics`
+/// on any core; each core's block sits on its own cache lines.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct CoreStats {
-    pub sessions: AtomicUsize,
-    pub handoffs_in: AtomicU64,
-    pub messages_in: AtomicU64,
-    pub messages_out: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub write_syscalls: AtomicU64,
-    /// Documents loaded on this core.
-    pub documents: AtomicUsize,
+    /// Connected sessions (gauge).
+    pub sessions: Counter,
+    pub handoffs_in: Counter,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub frames_out: Counter,
+    pub write_syscalls: Counter,
+    /// Documents loaded on this core (gauge).
+    pub documents: Counter,
     /// Broadcast frames published into document and presence rings.
-    pub broadcasts: AtomicU64,
+    pub broadcasts: Counter,
     /// Broadcast frames written to subscribers (deliveries).
-    pub deliveries: AtomicU64,
+    pub deliveries: Counter,
     /// `lagged` notices sent.
-    pub lagged: AtomicU64,
+    pub lagged: Counter,
     /// Operations accepted (sequenced).
-    pub operations: AtomicU64,
+    pub operations: Counter,
     /// Operations and cursor updates dropped by rate limits.
-    pub rate_limited: AtomicU64,
+    pub rate_limited: Counter,
 }
 
 /// Why a handshake or validation ended a connection before CONNECTED, for
@@ -65,6 +84,16 @@ pub enum Rejection {
     HandshakeTimeout,
     Validation,
     ValidationTimeout,
+}
+
+impl Rejection {
+    /// The statistic an HTTP error counts under.
+    pub fn of_http(e: &HttpError) -> Rejection {
+        match e {
+            HttpError::HeadTooLarge | HttpError::TooManyHeaders => Rejection::HeadTooLarge,
+            _ => Rejection::BadRequest,
+        }
+    }
 }
 
 /// Handle to a registered connection; dropping it does not unregister (the
@@ -103,18 +132,12 @@ impl ConnectionManager {
         }
     }
 
-    /// Registers a connection right after its upgrade (phase Connecting, i.e.
-    /// VALIDATING), so the peak counts it. Returns its key and its id, or None
-    /// when the slab is full (the relay then answers 503-like by closing).
-    pub fn register(&self, peer: SocketAddr, document: &str, core: usize) -> Option<(ConnKey, u64)> {
+    /// Registers a connection right after its upgrade (VALIDATING), so the
+    /// peak counts it. Returns its key and its id, or None when the slab is
+    /// full (the connection is then closed).
+    pub fn register(&self, peer: SocketAddr, document: &str) -> Option<(ConnKey, u64)> {
         let id = self.next_id.fetch_add(1, Relaxed);
-        let entry = ConnEntry {
-            id,
-            peer,
-            document: document.into(),
-            core: AtomicUsize::new(core),
-            phase: AtomicU8::new(Phase::Validating as u8),
-        };
+        let entry = ConnEntry { id, peer, document: document.into() };
         let key = self.slab.insert(entry)?;
         let now = self.active.fetch_add(1, Relaxed) + 1;
         self.peak.fetch_max(now, Relaxed);
@@ -131,22 +154,17 @@ impl ConnectionManager {
         }
     }
 
-    pub fn set_phase(&self, key: ConnKey, phase: Phase) {
-        if let Some(e) = self.slab.get(key.0) {
-            e.phase.store(phase as u8, Relaxed);
-        }
+    /// A registered connection, while it is registered.
+    pub fn entry(&self, key: ConnKey) -> Option<impl std::ops::Deref<Target = ConnEntry> + '_> {
+        self.slab.get(key.0)
     }
 
-    pub fn set_core(&self, key: ConnKey, core: usize) {
-        if let Some(e) = self.slab.get(key.0) {
-            e.core.store(core, Relaxed);
-        }
-    }
-
-    /// Connections registered and not yet gone.
+    /// Connections registered and not yet gone
+    /// (`docrelay_active_connections`).
     pub fn active(&self) -> usize {
         self.active.load(Relaxed)
     }
+    /// Most connections registered at once (`docrelay_peak_concurrent_connections`).
     pub fn peak(&self) -> usize {
         self.peak.load(Relaxed)
     }
@@ -200,8 +218,8 @@ struct IpCounts {
 impl IpCounts {
     fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
         let h = match ip {
-            IpAddr::V4(v) => crate::fnv1a_64(&v.octets()),
-            IpAddr::V6(v) => crate::fnv1a_64(&v.octets()),
+            IpAddr::V4(v) => fnv1a_64(&v.octets()),
+            IpAddr::V6(v) => fnv1a_64(&v.octets()),
         };
         self.shards[(h % 16) as usize].lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -235,16 +253,26 @@ mod tests {
     fn counts_follow_registration() {
         let m = ConnectionManager::new(2);
         let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let (a, ida) = m.register(peer, "d1", 0).unwrap();
-        let (b, idb) = m.register(peer, "d2", 1).unwrap();
+        let (a, ida) = m.register(peer, "d1").unwrap();
+        let (b, idb) = m.register(peer, "d2").unwrap();
         assert_ne!(ida, idb);
         assert_eq!((m.active(), m.peak(), m.total()), (2, 2, 2));
         m.unregister(a);
         assert_eq!((m.active(), m.peak(), m.total()), (1, 2, 2));
-        m.set_core(b, 0);
-        assert_eq!(m.slab.get(b.0).unwrap().core(), 0);
+        let entry = m.entry(b).unwrap();
+        assert_eq!((entry.id, entry.peer, &*entry.document), (idb, peer, "d2"));
+        drop(entry);
+        assert!(m.entry(a).is_none());
         m.unregister(b);
         assert_eq!(m.active(), 0);
+    }
+
+    #[test]
+    fn counters_add_and_subtract() {
+        let c = Counter::default();
+        c.add(5);
+        c.sub(2);
+        assert_eq!(c.get(), 3);
     }
 
     #[test]

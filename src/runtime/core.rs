@@ -1,0 +1,426 @@
+//! The life of one core: its executor's main task, accept, the handshake
+//! (UPGRADING and VALIDATING), the hand-off of a validated connection to the
+//! core that owns its document, and shutdown.
+//!
+//! After validation a connection whose document belongs to another core is
+//! sent there as a duplicated file descriptor plus the bytes already read
+//! past the request head, over that core's bounded flume channel.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::timer::sleep;
+use tracing::{debug, warn};
+
+use crate::close;
+use crate::config::Config;
+use crate::http::{self, HttpError, Route};
+use crate::placement::owner_core;
+use crate::registry::{ConnKey, ConnectionManager, Rejection};
+use crate::session::shard::ShardSetup;
+use crate::session::{CancelOnDrop, ConnInfo, Mode, Shard};
+use crate::validate::{self, ConnectionValidator, ValidationRequest, Verdict, Verdicts};
+use crate::ws::OutFrame;
+
+/// Messages to a core.
+pub(crate) enum CoreMsg {
+    /// A validated connection whose document this core owns.
+    Adopt(Handoff),
+    /// Stop accepting, close every session with 1001, and exit.
+    Shutdown,
+}
+
+/// A connection on its way to its owner core.
+pub(crate) struct Handoff {
+    fd: OwnedFd,
+    info: ConnInfo,
+    /// Bytes already read past the request head.
+    pending: Vec<u8>,
+}
+
+/// What a core is started with.
+pub(crate) struct CoreSetup {
+    pub(crate) shard: ShardSetup,
+    /// This core's listening socket (bound in `start`).
+    pub(crate) listener: OwnedFd,
+    pub(crate) peers: Vec<flume::Sender<CoreMsg>>,
+    pub(crate) rx: flume::Receiver<CoreMsg>,
+    pub(crate) validator: Option<Arc<dyn ConnectionValidator>>,
+    pub(crate) ready: std::sync::mpsc::Sender<(usize, Result<(), std::io::Error>)>,
+}
+
+/// The connection path of one core, beside its shard.
+struct Core {
+    shard: Rc<Shard>,
+    validator: Option<Arc<dyn ConnectionValidator>>,
+    verdicts: Rc<Verdicts>,
+    peers: Vec<flume::Sender<CoreMsg>>,
+}
+
+impl Core {
+    fn config(&self) -> &Config {
+        &self.shard.config
+    }
+
+    fn registry(&self) -> &ConnectionManager {
+        &self.shard.registry
+    }
+
+    /// Adopts a connection handed over by another core.
+    fn adopt_handoff(&self, h: Handoff) {
+        self.shard.stats().handoffs_in.add(1);
+        // SAFETY: the fd was duplicated for this hand-off and its ownership
+        // moved here with the message; nothing else uses it.
+        let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+        self.shard.adopt(stream, h.info, h.pending);
+    }
+}
+
+pub(crate) async fn core_main(setup: CoreSetup) {
+    let index = setup.shard.index;
+    let listen_fd = setup.listener;
+    let listen_raw = listen_fd.as_raw_fd();
+    // SAFETY: a bound, listening socket whose ownership moves to glommio.
+    let listener = unsafe { TcpListener::from_raw_fd(listen_fd.into_raw_fd()) };
+    let shard = Rc::new(Shard::new(setup.shard));
+    let core = Rc::new(Core {
+        verdicts: Rc::new(Verdicts::new(shard.config.limits.validation_queue)),
+        shard: shard.clone(),
+        validator: setup.validator,
+        peers: setup.peers,
+    });
+    let collector = CancelOnDrop(glommio::spawn_local(core.verdicts.clone().run()).detach());
+    let ticker = CancelOnDrop(glommio::spawn_local(shard.clone().ticker()).detach());
+    let acceptor = glommio::spawn_local(accept_loop(core.clone(), listener)).detach();
+    let _ = setup.ready.send((index, Ok(())));
+
+    while let Ok(msg) = setup.rx.recv_async().await {
+        match msg {
+            CoreMsg::Adopt(h) => core.adopt_handoff(h),
+            CoreMsg::Shutdown => break,
+        }
+    }
+
+    // Shutdown: stop accepting. shutdown(2) on a listening socket makes the
+    // kernel stop accepting on it and fails an accept already submitted to
+    // io_uring, which cancelling the task alone would leave to complete with
+    // a connection nobody handles.
+    // SAFETY: shutdown(2) on the listener fd, still open (glommio's listener
+    // lives in the acceptor task until it is cancelled and awaited below);
+    // non-blocking.
+    unsafe { libc::shutdown(listen_raw, libc::SHUT_RDWR) };
+    acceptor.cancel();
+    acceptor.await;
+    // Close every session with 1001; connections handed to us meanwhile are
+    // closed the same way, as they are adopted. Wait until the last session
+    // has ended, at most `shutdown_grace_ms`.
+    shard.begin_shutdown();
+    let grace = Instant::now() + Config::ms(shard.config.limits.shutdown_grace_ms);
+    if !drain_until(&core, &setup.rx, grace).await {
+        // Sessions stuck on a dead peer: fail them, and wait (boundedly) for
+        // their tasks to see it.
+        shard.abort_sessions();
+        let close = Instant::now() + Config::ms(shard.config.limits.close_timeout_ms);
+        drain_until(&core, &setup.rx, close).await;
+    }
+    // End whatever still runs (handshakes, validations, sessions that did
+    // not finish): glommio leaks tasks still pending when the executor
+    // returns, and their sockets with them. Each is awaited until dropped.
+    shard.cancel_tasks().await;
+    for mut task in [collector, ticker] {
+        task.0.cancel();
+        (&mut task.0).await;
+    }
+    // Publishers now get PublishError::Closed.
+    core.verdicts.close();
+    // Hand-offs that arrived too late: their fds close as they drop.
+    while let Ok(msg) = setup.rx.try_recv() {
+        if let CoreMsg::Adopt(h) = msg {
+            unregister(core.registry(), h.info.key, h.info.peer, h.info.ip_counted);
+        }
+    }
+    debug!(core = index, "core stopped");
+}
+
+/// Adopts hand-offs until the core has no session left (true) or `deadline`
+/// passes (false). Waits on the sessions' completion, never polls.
+async fn drain_until(core: &Core, rx: &flume::Receiver<CoreMsg>, deadline: Instant) -> bool {
+    enum Event {
+        Ended,
+        Msg(Option<CoreMsg>),
+        Deadline,
+    }
+    loop {
+        let ended = async {
+            core.shard.sessions_ended().await;
+            Event::Ended
+        };
+        let msg = async { Event::Msg(rx.recv_async().await.ok()) };
+        let timeout = async {
+            sleep(deadline.saturating_duration_since(Instant::now())).await;
+            Event::Deadline
+        };
+        match ended.or(msg).or(timeout).await {
+            Event::Ended => return true,
+            Event::Deadline => return false,
+            Event::Msg(Some(CoreMsg::Adopt(h))) => core.adopt_handoff(h),
+            // Shutdown again, or every sender gone: only sessions remain.
+            Event::Msg(_) => {
+                let ended = async {
+                    core.shard.sessions_ended().await;
+                    true
+                };
+                let timeout = async {
+                    sleep(deadline.saturating_duration_since(Instant::now())).await;
+                    false
+                };
+                return ended.or(timeout).await;
+            }
+        }
+    }
+}
+
+async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => core.shard.spawn_tracked(handshake(core.clone(), stream)),
+            Err(_) if core.shard.is_shutting_down() => return,
+            Err(e) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                warn!(error = %e, core = core.shard.index, "accept failed");
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What a handshake produced.
+enum HeadRead {
+    Complete,
+    Closed,
+    Invalid(HttpError),
+}
+
+/// First size of the buffer a request head is read into.
+const HEAD_BUFFER_START: usize = 1024;
+
+/// Reads until the request head is complete, too large, or malformed.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, max_head: usize) -> HeadRead {
+    // Room for the head plus a first frame pipelined behind it, grown as
+    // needed: most heads fit the first KiB, and a storm of handshakes in
+    // flight would otherwise hold `cap` bytes each.
+    let cap = max_head + 1024;
+    buf.resize(HEAD_BUFFER_START.min(cap), 0);
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            buf.resize((buf.len() * 2).min(cap), 0);
+        }
+        let n = match stream.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return HeadRead::Closed,
+            Ok(n) => n,
+        };
+        filled += n;
+        let (mut small, mut big) = ([httparse::EMPTY_HEADER; http::MAX_HEADERS], Vec::new());
+        match http::parse_head_any(&buf[..filled], &mut small, &mut big, max_head) {
+            Ok(Some(_)) => {
+                buf.truncate(filled);
+                return HeadRead::Complete;
+            }
+            Ok(None) if filled < cap => continue,
+            Ok(None) => return HeadRead::Invalid(HttpError::HeadTooLarge),
+            Err(e) => return HeadRead::Invalid(e),
+        }
+    }
+}
+
+/// Writes a last answer, then half-closes and drains what the peer still
+/// sends (bounded), so the kernel does not reset the connection while our
+/// answer is in flight.
+async fn answer_and_close(config: &Config, mut stream: TcpStream, answer: &[u8]) {
+    if stream.write_all(answer).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let drain = async {
+        let mut sink = [0u8; 1024];
+        let mut budget = 64 * 1024;
+        while let Ok(n @ 1..) = stream.read(&mut sink).await {
+            budget -= n.min(budget);
+            if budget == 0 {
+                break;
+            }
+        }
+    };
+    drain.or(sleep(Config::ms(config.limits.close_timeout_ms))).await;
+}
+
+/// UPGRADING and VALIDATING for one accepted connection, then its hand-off.
+async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
+    let config = core.config();
+    let limits = &config.limits;
+    let registry = core.registry();
+    let Ok(peer) = stream.peer_addr() else { return };
+    let mut buf = Vec::new();
+    let timeout = async {
+        sleep(Config::ms(limits.handshake_timeout_ms)).await;
+        None
+    };
+    let read = async { Some(read_head(&mut stream, &mut buf, limits.max_head_bytes).await) }.or(timeout).await;
+    match read {
+        None => {
+            registry.count_rejection(Rejection::HandshakeTimeout);
+            return; // closed, nothing else
+        }
+        Some(HeadRead::Closed) => return,
+        Some(HeadRead::Invalid(e)) => {
+            registry.count_rejection(Rejection::of_http(&e));
+            answer_and_close(config, stream, &e.response()).await;
+            return;
+        }
+        Some(HeadRead::Complete) => {}
+    }
+    registry.count_http_request();
+    let (mut small, mut big) = ([httparse::EMPTY_HEADER; http::MAX_HEADERS], Vec::new());
+    let head = match http::parse_head_any(&buf, &mut small, &mut big, limits.max_head_bytes) {
+        Ok(Some(h)) => h,
+        _ => return, // parsed complete a moment ago
+    };
+    let route = match http::route(&head, &config.testing.echo_path) {
+        Ok(r) => r,
+        Err(e) => {
+            registry.count_rejection(Rejection::of_http(&e));
+            answer_and_close(config, stream, &e.response()).await;
+            return;
+        }
+    };
+    let plain = |response: Vec<u8>, head_only: bool| if head_only { http::head_only(response) } else { response };
+    let (document, accept, mode) = match route {
+        Route::Health { head } => return answer_and_close(config, stream, &plain(http::health(), head)).await,
+        Route::Metrics { head } => {
+            return answer_and_close(config, stream, &plain(registry.metrics_response(), head)).await
+        }
+        Route::Document { id, accept } => (id, accept, Mode::Document),
+        Route::Echo { accept } => (head.path, accept, Mode::Echo),
+    };
+    if stream.write_all(&http::switching_protocols(&accept)).await.is_err() {
+        return;
+    }
+    // UPGRADING is done: register (VALIDATING) so the peak counts it.
+    let Some((key, id)) = registry.register(peer, document) else {
+        return;
+    };
+    let registration = Registration { registry, key, peer, ip_counted: Cell::new(false), armed: true };
+    let color = http::query_param(head.query, "color").and_then(http::parse_color);
+    let request =
+        ValidationRequest { headers: head.headers, path: head.path, query: head.query, peer, document_id: document };
+    let pending = buf[head.len..].to_vec();
+    let outcome = match mode {
+        Mode::Echo => Ok(()),
+        Mode::Document => validate_connection(&core, &request, &registration).await,
+    };
+    let info =
+        ConnInfo { id, key, peer, document: document.into(), mode, color, ip_counted: registration.ip_counted.get() };
+    drop(buf);
+    if let Err((code, reason, why)) = outcome {
+        registry.count_rejection(why);
+        debug!(id, code, reason = %reason, "validation failed");
+        answer_and_close(config, stream, OutFrame::close(code, &reason).bytes()).await;
+        return; // `registration` unregisters
+    }
+    let index = core.shard.index;
+    let owner = match mode {
+        Mode::Echo => index,
+        Mode::Document => owner_core(&info.document, core.peers.len()),
+    };
+    if owner == index {
+        registration.disarm();
+        core.shard.adopt(stream, info, pending);
+        return;
+    }
+    // Move to the owner core: a duplicate of the fd travels; our copy closes.
+    // SAFETY: dup(2) of the socket fd we own; the new fd is owned by OwnedFd.
+    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+    if dup < 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot hand off connection");
+        return;
+    }
+    // SAFETY: `dup` is a fresh, valid fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    drop(stream);
+    // If the owner has stopped (shutdown), the message and its fd are
+    // dropped, which closes the connection, and `registration` unregisters.
+    if core.peers[owner].send_async(CoreMsg::Adopt(Handoff { fd, info, pending })).await.is_ok() {
+        registration.disarm();
+    }
+}
+
+fn unregister(registry: &ConnectionManager, key: ConnKey, peer: SocketAddr, ip_counted: bool) {
+    registry.unregister(key);
+    if ip_counted {
+        registry.remove_ip(peer.ip());
+    }
+}
+
+/// A connection's registry entry between the upgrade and its adoption by a
+/// session: unregistered on drop (refusal, failed hand-off, or the handshake
+/// task cancelled at shutdown) unless a session took it over.
+struct Registration<'a> {
+    registry: &'a ConnectionManager,
+    key: ConnKey,
+    peer: SocketAddr,
+    ip_counted: Cell<bool>,
+    armed: bool,
+}
+
+impl Registration<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            unregister(self.registry, self.key, self.peer, self.ip_counted.get());
+        }
+    }
+}
+
+/// VALIDATING: the built-in validators, then the application's, whose verdict
+/// is awaited without blocking the core. Err carries the close code, reason
+/// and the statistic to count.
+async fn validate_connection(
+    core: &Core,
+    request: &ValidationRequest<'_>,
+    registration: &Registration<'_>,
+) -> Result<(), (u16, String, Rejection)> {
+    match validate::builtin(core.config(), core.registry(), request) {
+        Ok(counted) => registration.ip_counted.set(counted),
+        Err(r) => return Err((r.code, r.reason.to_string(), Rejection::Validation)),
+    }
+    let Some(validator) = core.validator.clone() else {
+        return Ok(());
+    };
+    let verdict = core.verdicts.start(validator.as_ref(), request);
+    let ticket = verdict.ticket;
+    let timeout = async {
+        sleep(Config::ms(core.config().limits.validation_timeout_ms)).await;
+        None
+    };
+    match async { Some(verdict.await) }.or(timeout).await {
+        Some(Verdict::Accept) => Ok(()),
+        Some(Verdict::Reject { code, reason }) => Err((code, reason, Rejection::Validation)),
+        Some(Verdict::Pending) => Err((close::VALIDATION_FAILED, "validation failed".into(), Rejection::Validation)),
+        None => {
+            core.verdicts.cancel(ticket);
+            Err((close::INTERNAL, "validation timed out".into(), Rejection::ValidationTimeout))
+        }
+    }
+}

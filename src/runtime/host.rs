@@ -1,0 +1,65 @@
+//! Checks of the host the relay runs on, made once at start: locked memory
+//! for io_uring, and the open-file limit that bounds connections.
+
+use tracing::warn;
+
+use super::StartError;
+
+/// Locked memory glommio's io_uring rings need (measured); checked at start
+/// for a clear error instead of a failure deep inside the executor.
+pub const MIN_MEMLOCK_BYTES: u64 = 512 * 1024;
+
+/// Descriptors the relay keeps for itself beside its connections: listeners,
+/// io_uring rings, eventfds, log and configuration files, hand-offs in flight.
+pub const RESERVED_FILES: usize = 256;
+
+/// Refuses to start when io_uring would not get the locked memory it needs.
+pub fn check_memlock() -> Result<(), StartError> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) writes one rlimit struct we own.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < MIN_MEMLOCK_BYTES {
+        return Err(StartError::Memlock { have_kib: lim.rlim_cur / 1024, need_kib: MIN_MEMLOCK_BYTES / 1024 });
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit (each connection is
+/// one descriptor) and returns it; `None` when unlimited or unreadable.
+fn raise_nofile_limit() -> Option<usize> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) writes one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit(2) on this process, reading a struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur as usize)
+}
+
+/// The connection limit the relay runs with: the configured one, or (when
+/// none is set) what the open-file limit holds beside [`RESERVED_FILES`].
+/// Warns only when a configured value cannot be met.
+pub fn connection_limit(configured: Option<usize>) -> usize {
+    let files = raise_nofile_limit();
+    let fits = files.map(|f| f.saturating_sub(RESERVED_FILES).max(1));
+    match (configured, fits) {
+        (Some(n), Some(fits)) if n > fits => {
+            warn!(
+                max_connections = n,
+                open_files = files.unwrap_or(0),
+                "limits.max_connections is more than the open-file limit (ulimit -n) can hold: \
+                 accepts will fail before it is reached; raise the limit or lower max_connections to {fits}"
+            );
+            n
+        }
+        (Some(n), _) => n,
+        (None, Some(fits)) => fits,
+        (None, None) => 1 << 20,
+    }
+}

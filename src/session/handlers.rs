@@ -1,0 +1,242 @@
+//! The command handlers: what each client message does, after the checks in
+//! the order `docs/protocol.md`, "Client messages", fixes (shape and type,
+//! state, fields, rate). Replies and broadcasts are encoded by
+//! `protocol::encode`.
+
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::rates::{Rate, Window};
+use super::state::{Auth, User};
+use super::{Session, Shard, Subscription};
+use crate::auth::AuthError;
+use crate::close;
+use crate::document::Sync;
+use crate::protocol::{self, check_state, encode, field, ClientType, Envelope, ErrorCode, Participant};
+
+/// Handles one complete Text message (UTF-8 already checked).
+pub(super) fn handle_text(shard: &Shard, session: &Session, text: &str) {
+    handle(shard, session, protocol::parse_text(text))
+}
+
+/// Handles one complete Binary message, which must hold UTF-8 JSON.
+pub(super) fn handle_binary(shard: &Shard, session: &Session, data: &[u8]) {
+    handle(shard, session, protocol::parse(data))
+}
+
+fn handle(shard: &Shard, session: &Session, parsed: Result<(ClientType, Envelope<'_>), (ErrorCode, &'static str)>) {
+    let (kind, env) = match parsed {
+        Ok(m) => m,
+        Err((code, message)) => return reply_error(shard, session, code, message),
+    };
+    // Step 3: state.
+    let authenticated = session.auth.borrow().is_authenticated();
+    let joined = session.sub.borrow().is_some();
+    if let Some((code, message)) = check_state(kind, authenticated, joined) {
+        return reply_error(shard, session, code, message);
+    }
+    // Steps 4 and 5, then the effect.
+    let result = match kind {
+        ClientType::Ping => {
+            session.send_text(shard, encode::pong());
+            Ok(())
+        }
+        ClientType::Authenticate => authenticate(shard, session, &env),
+        ClientType::JoinDocument => join(shard, session, &env),
+        ClientType::LeaveDocument => {
+            leave(shard, session);
+            session.send_text(shard, encode::left(&session.info.document));
+            Ok(())
+        }
+        ClientType::Operation => operation(shard, session, &env),
+        ClientType::Cursor => cursor(shard, session, &env),
+        ClientType::SyncRequest => field::<u64>(env.since, "since", true).map(|since| {
+            sync_response(shard, session, since.unwrap_or(0));
+        }),
+        ClientType::Snapshot => snapshot(shard, session, &env),
+    };
+    if let Err(message) = result {
+        reply_error(shard, session, ErrorCode::BadMessage, &message);
+    }
+}
+
+fn reply_error(shard: &Shard, session: &Session, code: ErrorCode, message: &str) {
+    session.send_text(shard, encode::error(code, message));
+}
+
+/// Applies a rate limit; returns false when the message is dropped.
+fn rate_ok(shard: &Shard, session: &Session, window: &Window, limit: u32) -> bool {
+    let grace = Duration::from_millis(shard.config.limits.rate_limit_grace_ms);
+    match window.check(shard.clock.now(), limit, grace) {
+        Rate::Allow => true,
+        Rate::Drop => {
+            shard.stats().rate_limited.add(1);
+            reply_error(shard, session, ErrorCode::RateLimited, "rate limit exceeded; message dropped");
+            false
+        }
+        Rate::Close => {
+            session.begin_close(shard, close::POLICY, "rate limit exceeded");
+            false
+        }
+    }
+}
+
+fn authenticate(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
+    let token: String = field(env.token, "token", true)?.unwrap_or_default();
+    match shard.auth.authenticate(&token, &session.info.document) {
+        Ok(identity) => {
+            let color =
+                session.info.color.clone().unwrap_or_else(|| crate::auth::palette_color(&identity.user_id).to_string());
+            let user = User {
+                user_id_json: serde_json::to_string(&identity.user_id).unwrap_or_default(),
+                session_id: session_id(shard.session_nonce, session.info.id),
+                user_id: identity.user_id,
+                user_name: identity.user_name,
+                color,
+            };
+            let reply = encode::auth_ok(&user.user_id, &user.user_name, &user.session_id, session.info.id, &user.color);
+            *session.auth.borrow_mut() = Auth::Authenticated(user);
+            session.send_text(shard, reply);
+        }
+        Err(e) => {
+            shard.registry.count_auth_failure();
+            session.send_text(shard, encode::auth_failed(e.code(), &e.to_string()));
+            let reason = match e {
+                AuthError::Failed(_) => "authentication failed",
+                AuthError::Forbidden(_) => "forbidden",
+            };
+            session.begin_close(shard, e.close_code(), reason);
+        }
+    }
+    Ok(())
+}
+
+/// A session id unique across connections, relays and restarts: a random
+/// nonce drawn when the relay started, and the connection id.
+fn session_id(nonce: u64, connection_id: u64) -> String {
+    format!("{nonce:016x}-{connection_id:x}")
+}
+
+fn join(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
+    let since: Option<u64> = field(env.since, "since", false)?;
+    let participant = {
+        let auth = session.auth.borrow();
+        let Some(user) = auth.user() else { return Ok(()) }; // checked above
+        Participant {
+            connection_id: session.info.id,
+            user_id: user.user_id.clone(),
+            user_name: user.user_name.clone(),
+            color: user.color.clone(),
+        }
+    };
+    let user_joined = encode::user_joined(&participant);
+    let hub = shard.document(&session.info.document);
+    *session.sub.borrow_mut() = Some(Subscription::new(hub.clone()));
+    hub.subscribe(participant, session.writer_waker.clone());
+    let reply = hub.with_participants(|ps| encode::joined(&session.info.document, hub.seq(), ps));
+    session.send_text(shard, reply);
+    shard.stats().broadcasts.add(1);
+    hub.publish_presence(session.info.id, user_joined);
+    if let Some(since) = since {
+        sync_response(shard, session, since);
+    }
+    Ok(())
+}
+
+/// Leaves the session's document if joined: unsubscribes and broadcasts
+/// `user_left`. Used by `leave_document` and when a joined session ends.
+pub(super) fn leave(shard: &Shard, session: &Session) {
+    let Some(sub) = session.sub.borrow_mut().take() else { return };
+    let user_left = {
+        let auth = session.auth.borrow();
+        encode::user_left(session.info.id, auth.user().map_or("", |u| &u.user_id))
+    };
+    sub.hub.unsubscribe(session.info.id);
+    shard.stats().broadcasts.add(1);
+    sub.hub.publish_presence(session.info.id, user_left);
+}
+
+/// The hub of the session's document (the caller checked it is joined).
+fn joined_hub(session: &Session) -> Option<std::rc::Rc<crate::document::DocumentHub>> {
+    session.sub.borrow().as_ref().map(|s| s.hub.clone())
+}
+
+fn operation(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
+    let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
+    let client_op_id = env.client_op_id.map(RawValue::get);
+    if let Some(id) = client_op_id {
+        if !matches!(id.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9')) {
+            return Err("field `client_op_id` must be a string or a number".into());
+        }
+    }
+    if !rate_ok(shard, session, &session.rates.ops, shard.config.limits.max_ops_per_sec) {
+        return Ok(());
+    }
+    let Some(hub) = joined_hub(session) else { return Ok(()) };
+    let seq = hub.seq() + 1;
+    let frame = {
+        let auth = session.auth.borrow();
+        let user_id_json = auth.user().map_or("\"\"", |u| &u.user_id_json);
+        encode::operation(seq, session.info.id, user_id_json, payload.get().as_bytes())
+    };
+    let stats = shard.stats();
+    stats.operations.add(1);
+    stats.broadcasts.add(1);
+    hub.publish_op(seq, session.info.id, frame);
+    session.send_text(shard, encode::ack(seq, client_op_id));
+    Ok(())
+}
+
+fn cursor(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
+    let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
+    if !rate_ok(shard, session, &session.rates.cursors, shard.config.limits.max_cursor_per_sec) {
+        return Ok(());
+    }
+    let Some(hub) = joined_hub(session) else { return Ok(()) };
+    let frame = {
+        let auth = session.auth.borrow();
+        let (user_id_json, color) = auth.user().map_or(("\"\"", ""), |u| (&u.user_id_json, &u.color));
+        encode::cursor(session.info.id, user_id_json, color, payload.get().as_bytes())
+    };
+    shard.stats().broadcasts.add(1);
+    hub.publish_presence(session.info.id, frame);
+    Ok(())
+}
+
+fn sync_response(shard: &Shard, session: &Session, since: u64) {
+    let Some(hub) = joined_hub(session) else { return };
+    let reply = match hub.sync(since) {
+        Sync::History { ops } => encode::sync_response(hub.seq(), None, ops.iter().map(|op| op.payload())),
+        Sync::Snapshot { snapshot, ops } => encode::sync_response(
+            hub.seq(),
+            Some((snapshot.seq, snapshot.state.get())),
+            ops.iter().map(|op| op.payload()),
+        ),
+        Sync::Unavailable => {
+            return reply_error(shard, session, ErrorCode::HistoryUnavailable, "the history no longer covers `since`");
+        }
+    };
+    session.send_text(shard, reply);
+}
+
+fn snapshot(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
+    let seq: u64 = field(env.seq, "seq", true)?.unwrap_or(0);
+    let Some(state) = env.state else { return Err("missing field `state`".into()) };
+    let Some(hub) = joined_hub(session) else { return Ok(()) };
+    if seq > hub.seq() {
+        reply_error(shard, session, ErrorCode::BadSnapshot, "snapshot seq is ahead of the document");
+        return Ok(());
+    }
+    hub.store_snapshot(seq, state.to_owned());
+    session.send_text(shard, encode::ack(seq, None));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn session_ids_carry_the_nonce_and_the_connection() {
+        assert_eq!(super::session_id(0xab, 0x11), "00000000000000ab-11");
+    }
+}
