@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks docrelay against the conventional baseline (tokio + tokio-tungstenite +
-# tokio::sync::broadcast, src/bin/docrelay-baseline.rs) under the same CPU pinning, and
+# tokio::sync::broadcast, bench/src/bin/docrelay-baseline.rs) under the same CPU pinning, and
 # prints one table with both and their ratio. Every run's JSON lands in target/bench/.
 #
 #   scripts/bench.sh                     all scenarios, 3 runs each (medians reported)
@@ -63,9 +63,9 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 20500 ]; then
     log "ulimit -n is $(ulimit -n) and cannot be raised here: idle uses $IDLE_CONNECTIONS connections instead of 20000"
 fi
 
-log "building release binaries (with the baseline feature)"
-cargo build --release --features baseline --bin docrelay --bin docrelay-load --bin docrelay-baseline >&2
-BIN=target/release
+log "building release binaries (the relay, and the bench member's load generator and baseline)"
+cargo build --release -p docrelay -p docrelay-bench >&2
+BIN=${CARGO_TARGET_DIR:-target}/release
 NCPU=$(echo "$RELAY_CPUS" | tr ',' '\n' | wc -l)
 
 SERVER_PID=

@@ -228,7 +228,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
             }
         }
     }
-    info!(cores = cores, cpus = ?cpus, max_connections = ?config.limits.max_connections, "listening on {addr}");
+    info!(cores = cores, cpus = ?cpus, max_connections = config.limits.max_connections.unwrap_or_default(), "listening on {addr}");
     handle.addr = addr;
     Ok(handle)
 }

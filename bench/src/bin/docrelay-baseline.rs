@@ -27,7 +27,7 @@
 //! - `TCP_NODELAY`, a listen backlog of 4096, and a read buffer sized for small
 //!   JSON messages.
 //!
-//! The protocol is the subset of PROTOCOL.md (sections 1, 4, 5, 7) a benchmark
+//! The protocol is the subset of relay protocol (docs/protocol.md: "Endpoints", "Client messages", "Relay messages", "Authentication") a benchmark
 //! exercises: `authenticate` (dev mode only), `join_document`,
 //! `leave_document`, `operation`, `cursor`, `ping`, with the same JSON on the
 //! wire as the relay and the same error checks in the same order. There is no
@@ -493,7 +493,7 @@ fn session_id(connection_id: u64) -> String {
 use docrelay::auth::palette_color;
 use docrelay::protocol::{check_state, parse, ClientType as Kind, Envelope, ErrorCode};
 
-/// A field check (step 4 of PROTOCOL.md section 4).
+/// A field check (step 4 of the check order, docs/protocol.md "Client messages").
 fn field<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>, name: &str) -> Result<Option<T>, String> {
     raw.map(|r| serde_json::from_str(r.get()).map_err(|_| format!("field `{name}` has the wrong type"))).transpose()
 }
@@ -589,7 +589,7 @@ impl Session {
         self.app.unregister(self.connection_id);
     }
 
-    /// Handles one client message (PROTOCOL.md section 4, checks in order).
+    /// Handles one client message (docs/protocol.md, "Client messages": checks in order).
     async fn handle(&mut self, text: &str) -> Flow {
         let (kind, envelope) = match parse(text.as_bytes()) {
             Ok(parsed) => parsed,
@@ -932,7 +932,7 @@ impl SendTask {
                     self.sink.feed(Message::Binary(p.frame)).await?;
                 }
             }
-            // Overtaken presence updates are dropped silently (PROTOCOL.md 6).
+            // Overtaken presence updates are dropped silently (docs/protocol.md, "Ordering, lag and recovery").
             Event::Presence(Recv::Lagged(_)) => {}
             // The document's senders live as long as the process.
             Event::Op(Recv::Closed) => self.ops = None,
