@@ -38,6 +38,25 @@ fn frame_parse(c: &mut Criterion) {
             black_box(n)
         })
     });
+    // The same frames arriving in 4000-byte reads, so that about every
+    // fourth frame is split across two reads.
+    g.bench_function("64 x 1 KiB text frames, 4000-byte reads", |b| {
+        let mut reader = FrameReader::new(1 << 20);
+        let mut buf = wire.clone();
+        b.iter(|| {
+            buf.copy_from_slice(&wire);
+            let mut n = 0;
+            for chunk in buf.chunks_mut(4000) {
+                reader
+                    .feed(chunk, |_| {
+                        n += 1;
+                        Flow::Continue
+                    })
+                    .unwrap();
+            }
+            black_box(n)
+        })
+    });
     g.finish();
 }
 
@@ -54,5 +73,15 @@ fn message_parse(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frame_parse, frame_encode, message_parse);
+fn message_parse_text(c: &mut Criterion) {
+    let msg =
+        format!(r#"{{"type":"operation","client_op_id":"c-1","payload":{{"ops":[{}]}}}}"#, "1,".repeat(300) + "1");
+    // A Text frame's message: UTF-8 was checked by the frame reader, so the
+    // parser does not check it again.
+    c.bench_function("message_parse_text operation ~1 KiB", |b| {
+        b.iter(|| black_box(docrelay::protocol::parse_text(&msg).unwrap().1.payload.unwrap().get().len()))
+    });
+}
+
+criterion_group!(benches, frame_parse, frame_encode, message_parse, message_parse_text);
 criterion_main!(benches);

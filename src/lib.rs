@@ -16,8 +16,6 @@
 //! relay.join();
 //! ```
 
-#![deny(clippy::undocumented_unsafe_blocks)]
-
 // Layers, bottom to top: each module may use only the modules declared
 // before it (scripts/layers.py checks this in CI; docs/architecture.md).
 //

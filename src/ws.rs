@@ -492,6 +492,27 @@ mod tests {
     }
 
     #[test]
+    fn a_split_frame_copies_only_its_own_bytes() {
+        // Frame A split across two reads; the second read also holds B whole
+        // and the start of C. Only A's missing bytes and C's start are copied.
+        let a = masked(0x1, true, &[b'a'; 300]);
+        let b = masked(0x1, true, &[b'b'; 3000]);
+        let c = masked(0x1, true, &[b'c'; 50]);
+        let mut second = a[100..].to_vec();
+        second.extend_from_slice(&b);
+        second.extend_from_slice(&c[..10]);
+        let mut r = FrameReader::new(1 << 20);
+        let seen = collect(&mut r, &[&a[..100], &second]).unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(seen[0] == format!("text:{}", "a".repeat(300)) && seen[1] == format!("text:{}", "b".repeat(3000)));
+        assert_eq!(r.partial, &c[..10]);
+        assert!(r.partial.capacity() < 1000, "the read was copied whole: {}", r.partial.capacity());
+        let seen = collect(&mut r, &[&c[10..]]).unwrap();
+        assert_eq!(seen, vec![format!("text:{}", "c".repeat(50))]);
+        assert_eq!(r.partial.capacity(), 0);
+    }
+
+    #[test]
     fn size_is_checked_from_the_header() {
         let mut r = FrameReader::new(10);
         // Only the header of an 11-byte frame: rejected before any payload arrives.
