@@ -1,13 +1,13 @@
-//! The `docrelay` binary (PROTOCOL.md section 10): `print-config`, `serve`
-//! with its flags and configuration file, start-up errors, and shutdown on
-//! SIGTERM and SIGINT.
+//! The `docrelay` binary (README.md, "Run it" and "Configuration"): `print-config`,
+//! `serve` with its flags and configuration file (the keys of `docs/protocol.md`,
+//! "Limits"), start-up errors and warnings, and shutdown on SIGTERM and SIGINT
+//! (`docs/protocol.md`, "Session lifecycle").
 
 mod common;
 use common::*;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -129,45 +129,19 @@ fn expect_start_failure(mut proc: Proc) -> String {
     stderr
 }
 
-/// A temporary directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("docrelay-cli-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn file(&self, name: &str, text: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_string()
-    }
+/// Stops a relay that started with SIGTERM and returns everything it wrote
+/// to stderr, after checking that it exited 0.
+fn stop(mut proc: Proc) -> String {
+    proc.signal(libc::SIGTERM);
+    let status = proc.wait();
+    let stderr = proc.stderr();
+    assert_eq!(status.code(), Some(0), "exit status {status}; stderr:\n{stderr}");
+    stderr
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The core labels the relay's /metrics reports, e.g. {"0"}.
-fn metric_cores(addr: SocketAddr) -> Vec<String> {
-    let body = raw_http(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
-    let mut cores: Vec<String> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("docrelay_sessions{core=\""))
-        .filter_map(|rest| rest.split('"').next())
-        .map(str::to_string)
-        .collect();
-    cores.sort();
-    cores
-}
-
-fn ping_pong(ws: &mut Client) {
-    assert_eq!(request(ws, r#"{"type":"ping"}"#)["type"], "pong");
+/// The WARN lines of a relay's log.
+fn warnings(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains(" WARN ")).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -205,7 +179,7 @@ fn serve_then_stop_with(sig: libc::c_int) {
     // Several documents, so that sessions live on different cores.
     let mut clients: Vec<Client> = (0..4).map(|i| connect(addr, &format!("/ws/documents/cli-{i}"))).collect();
     for ws in &mut clients {
-        ping_pong(ws);
+        assert_pong(ws);
     }
     let health = raw_http(addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
     assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok"), "{health}");
@@ -234,7 +208,6 @@ fn serve_stops_on_sigint_with_1001_and_exit_0() {
     serve_then_stop_with(libc::SIGINT);
 }
 
-/// A signal with no session open also ends the relay cleanly.
 /// A client that never answers the relay's Close does not hold up the exit:
 /// the relay gives up after `limits.shutdown_grace_ms` and still exits 0.
 #[test]
@@ -252,8 +225,7 @@ fn shutdown_does_not_wait_forever_for_a_silent_client() {
     stalled.write_all(b"GET /ws/documents/d HTTP/1.1\r\nHost: t\r\n").unwrap();
     let idle = std::net::TcpStream::connect(addr).unwrap();
     let (mut silent, mut pending) = raw_upgrade(addr, "/ws/documents/silent");
-    silent.write_all(&client_frame(true, 0x1, br#"{"type":"ping"}"#)).unwrap();
-    assert_eq!(read_frame(&mut silent, &mut pending).map(|(op, _)| op), Some(0x1), "pong");
+    raw_assert_pong(&mut silent, &mut pending);
     proc.signal(libc::SIGTERM);
     // It gets the Close, never answers it, and keeps the socket open.
     assert_eq!(raw_expect_close(&mut silent, &mut pending), Some(1001));
@@ -275,8 +247,7 @@ fn shutdown_stops_accepting() {
     let mut proc = Proc::spawn(&["serve", "--config", &path]);
     let addr = proc.listening();
     let (mut silent, mut pending) = raw_upgrade(addr, "/ws/documents/holder");
-    silent.write_all(&client_frame(true, 0x1, br#"{"type":"ping"}"#)).unwrap();
-    assert_eq!(read_frame(&mut silent, &mut pending).map(|(op, _)| op), Some(0x1), "pong");
+    raw_assert_pong(&mut silent, &mut pending);
     proc.signal(libc::SIGTERM);
     assert_eq!(raw_expect_close(&mut silent, &mut pending), Some(1001));
     // A new connection is refused, or (if it raced the listener's close)
@@ -308,8 +279,7 @@ fn shutdown_refuses_new_connections() {
         let mut proc = Proc::spawn(&["serve", "--config", &path]);
         let addr = proc.listening();
         let (mut silent, mut pending) = raw_upgrade(addr, "/ws/documents/holder");
-        silent.write_all(&client_frame(true, 0x1, br#"{"type":"ping"}"#)).unwrap();
-        assert_eq!(read_frame(&mut silent, &mut pending).map(|(op, _)| op), Some(0x1), "pong");
+        raw_assert_pong(&mut silent, &mut pending);
         proc.signal(libc::SIGTERM);
         assert_eq!(raw_expect_close(&mut silent, &mut pending), Some(1001));
         let late = std::net::TcpStream::connect(addr);
@@ -321,6 +291,7 @@ fn shutdown_refuses_new_connections() {
     }
 }
 
+/// A signal with no session open also ends the relay cleanly.
 #[test]
 fn serve_stops_on_sigterm_when_idle() {
     let mut proc = Proc::spawn(&["serve", "--listen", "127.0.0.1:0", "--cores", "0"]);
@@ -340,7 +311,7 @@ fn serve_with_a_config_file() {
     let mut proc = Proc::spawn(&["serve", "--config", &path]);
     let addr = proc.listening();
     let mut ws = connect(addr, "/ws/documents/from-file");
-    ping_pong(&mut ws);
+    assert_pong(&mut ws);
     // The file's values are in force: one core, and the smaller head limit.
     assert_eq!(metric_cores(addr), ["0"]);
     let big = format!("GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n", "p".repeat(600));
@@ -351,12 +322,37 @@ fn serve_with_a_config_file() {
     assert_eq!(proc.wait().code(), Some(0), "{}", proc.stderr());
 }
 
+/// `--listen` takes a host name: `localhost:0` resolves to a loopback address.
+#[test]
+fn serve_listens_on_a_host_name() {
+    let proc = Proc::spawn(&["serve", "--listen", "localhost:0", "--cores", "0"]);
+    let addr = proc.listening();
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let health = raw_http(addr, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok"), "{health}");
+    stop(proc);
+}
+
+/// The same in the configuration file.
+#[test]
+fn config_file_listen_takes_a_host_name() {
+    let dir = TempDir::new("listen-name");
+    let path = dir.file("relay.toml", "listen = \"localhost:0\"\ncores = [0]\n");
+    let proc = Proc::spawn(&["serve", "--config", &path]);
+    let addr = proc.listening();
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let mut ws = connect(addr, "/ws/documents/by-name");
+    assert_pong(&mut ws);
+    drop(ws);
+    stop(proc);
+}
+
 #[test]
 fn serve_with_cores_flag() {
     let mut proc = Proc::spawn(&["serve", "--listen", "127.0.0.1:0", "--cores", "0"]);
     let addr = proc.listening();
     let mut ws = connect(addr, "/ws/documents/core-zero");
-    ping_pong(&mut ws);
+    assert_pong(&mut ws);
     assert_eq!(metric_cores(addr), ["0"]);
     drop(ws);
     proc.signal(libc::SIGTERM);
@@ -382,7 +378,7 @@ fn flags_override_the_config_file() {
     let addr = proc.listening();
     assert_ne!(addr, taken_addr);
     let mut ws = connect(addr, "/ws/documents/override");
-    ping_pong(&mut ws);
+    assert_pong(&mut ws);
     assert_eq!(metric_cores(addr), ["0"]);
     drop(ws);
     proc.signal(libc::SIGTERM);
@@ -403,10 +399,69 @@ fn unknown_config_key_is_a_clear_error() {
 #[test]
 fn missing_config_file_is_a_clear_error() {
     let dir = TempDir::new("missing");
-    let path = dir.0.join("does-not-exist.toml");
+    let path = dir.path().join("does-not-exist.toml");
     let path = path.to_str().unwrap();
     let stderr = expect_start_failure(Proc::spawn(&["serve", "--config", path, "--listen", "127.0.0.1:0"]));
     assert!(stderr.contains("does-not-exist.toml"), "the error names the file:\n{stderr}");
+}
+
+/// Durable storage is not implemented: a relay asked for it refuses to start
+/// rather than run without the durability it was configured for.
+#[test]
+fn storage_dir_is_refused_at_start() {
+    let dir = TempDir::new("storage");
+    let path = dir.file("relay.toml", "listen = \"127.0.0.1:0\"\ncores = [0]\n[storage]\ndir = \"/tmp/x\"\n");
+    let stderr = expect_start_failure(Proc::spawn(&["serve", "--config", &path]));
+    assert!(stderr.contains("storage.dir"), "the error names storage.dir:\n{stderr}");
+    assert!(!stderr.contains("listening on"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// Start-up warnings
+
+/// A default start warns about `dev` authentication (the protocol requires
+/// that warning) and about nothing else: in particular not about the
+/// open-file limit, from which the connection limit is derived.
+#[test]
+fn default_start_warns_only_about_dev_auth() {
+    let proc = Proc::spawn(&["serve", "--listen", "127.0.0.1:0"]);
+    let addr = proc.listening();
+    assert_pong(&mut connect(addr, "/ws/documents/warnings"));
+    let stderr = stop(proc);
+    let warned = warnings(&stderr);
+    assert_eq!(warned.len(), 1, "one warning, about dev auth:\n{stderr}");
+    assert!(warned[0].contains("auth.mode = \"dev\""), "{stderr}");
+    assert!(!stderr.contains("ulimit") && !stderr.contains("open-file"), "{stderr}");
+}
+
+/// A configured `limits.max_connections` that the open-file limit cannot
+/// hold is kept, with a warning that says so.
+#[test]
+fn max_connections_beyond_the_open_file_limit_warns_and_starts() {
+    const WANTED: libc::rlim_t = 100_000_000;
+    let mut files = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) writes one rlimit struct we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut files) }, 0);
+    if files.rlim_max == libc::RLIM_INFINITY || files.rlim_max > WANTED {
+        eprintln!(
+            "skipped: the open-file hard limit here ({}) holds {WANTED} connections, so there is nothing to warn about",
+            files.rlim_max
+        );
+        return;
+    }
+    let dir = TempDir::new("max-connections");
+    let path = dir
+        .file("relay.toml", &format!("listen = \"127.0.0.1:0\"\ncores = [0]\n[limits]\nmax_connections = {WANTED}\n"));
+    let proc = Proc::spawn(&["serve", "--config", &path]);
+    let addr = proc.listening();
+    let mut ws = connect(addr, "/ws/documents/many");
+    assert_pong(&mut ws);
+    drop(ws);
+    let stderr = stop(proc);
+    assert!(
+        warnings(&stderr).iter().any(|l| l.contains("max_connections")),
+        "no warning about max_connections:\n{stderr}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -430,14 +485,14 @@ fn unparsable_cores_is_an_error() {
 fn address_held_by_another_relay_is_in_use() {
     // The library relay's listeners use SO_REUSEPORT, the way a second
     // process could silently share the port.
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
     let stderr = expect_start_failure(Proc::spawn(&["serve", "--listen", &addr.to_string()]));
     assert!(stderr.contains("already in use"), "{stderr}");
     // The first relay still owns every connection.
     for i in 0..8 {
         let mut ws = connect(addr, &format!("/ws/documents/still-mine-{i}"));
-        ping_pong(&mut ws);
+        assert_pong(&mut ws);
     }
 }
 
@@ -466,7 +521,7 @@ fn the_recommended_locked_memory_limit_is_enough() {
     let mut proc = Proc::spawn_command(cmd);
     let addr = proc.listening();
     let mut ws = connect(addr, "/ws/documents/memlock");
-    ping_pong(&mut ws);
+    assert_pong(&mut ws);
     proc.signal(libc::SIGTERM);
     assert_eq!(expect_close(&mut ws).0, 1001);
     let _ = ws.flush();
@@ -482,7 +537,7 @@ fn dev_auth_on_a_public_address_needs_allow_insecure() {
     let addr = proc.listening();
     assert!(addr.ip().is_unspecified(), "{addr}");
     let mut ws = connect(SocketAddr::from(([127, 0, 0, 1], addr.port())), "/ws/documents/insecure");
-    ping_pong(&mut ws);
+    assert_pong(&mut ws);
     proc.signal(libc::SIGTERM);
     let (code, _) = expect_close(&mut ws);
     assert_eq!(code, 1001);

@@ -1,7 +1,8 @@
-//! Fan-out end to end (PROTOCOL.md sections 2, 4, 5, 6 and 9): one order for
-//! every receiver under concurrent senders, lag and recovery of a slow reader,
-//! overtaken presence, the delivery gate, documents on different cores, idle
-//! unload, the fan-out metrics, and many documents at once.
+//! Fan-out end to end (`docs/protocol.md`, "Ordering, lag and recovery",
+//! "Relay messages" and "Documents and cores"): one order for every receiver
+//! under concurrent senders, lag and recovery of a slow reader, overtaken
+//! presence, the delivery gate, documents on different cores, idle unload,
+//! the fan-out metrics, and many documents at once.
 
 mod common;
 use common::*;
@@ -13,42 +14,12 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use docrelay::{Config, RelayHandle};
+use docrelay::Config;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::Message;
-
-/// The relay of one test. On drop it waits until every session has ended
-/// (the test dropped its clients), then shuts the relay down. While the test
-/// is failing it is leaked instead, so that a relay that cannot shut down
-/// turns the failure into a report, not a hang.
-struct Relay(Option<RelayHandle>);
-
-impl std::ops::Deref for Relay {
-    type Target = RelayHandle;
-    fn deref(&self) -> &RelayHandle {
-        self.0.as_ref().expect("relay")
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let Some(relay) = self.0.take() else { return };
-        if thread::panicking() {
-            std::mem::forget(relay);
-            return;
-        }
-        let (addr, cores) = (relay.local_addr(), relay.cpus().len());
-        eventually("every session ended before the shutdown", || metric_sum(addr, "docrelay_sessions", cores) == 0);
-        drop(relay);
-    }
-}
-
-fn relay(config: Config) -> Relay {
-    Relay(Some(start(config)))
-}
 
 /// One message from the relay.
 #[derive(Debug)]
@@ -227,15 +198,6 @@ fn expect_user_joined(ws: &mut Client, n: usize, who: &str) -> Vec<u64> {
             m.u64("connection_id")
         })
         .collect()
-}
-
-/// Sum of a per-core metric family over the relay's cores.
-fn metric_sum(addr: SocketAddr, family: &str, cores: usize) -> u64 {
-    (0..cores).map(|c| metric(addr, &format!("{family}{{core=\"{c}\"}}"))).sum()
-}
-
-fn core_metric(addr: SocketAddr, family: &str, core: usize) -> u64 {
-    metric(addr, &format!("{family}{{core=\"{core}\"}}"))
 }
 
 /// An operation message whose payload has odd spacing (relayed byte for byte).
@@ -995,14 +957,14 @@ fn closing_subscriber_does_not_stall_its_core() {
 /// never answering the relay's Close.
 #[test]
 fn shutdown_completes_with_joined_sessions() {
-    let mut relay = relay(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
     let doc = "fanout-shutdown";
     let (quiet, _pending) = raw_joined(addr, doc, "quiet");
     let (mut polite, _) = session(addr, doc, "polite");
     quiet.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
 
-    let handle = relay.0.take().unwrap();
+    let handle = relay.into_handle();
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
         handle.shutdown();
@@ -1016,10 +978,10 @@ fn shutdown_completes_with_joined_sessions() {
     drop(quiet);
 }
 
-/// A lagged reader recovers as section 6 says, with `sync_request` sent as
-/// soon as it sees `lagged`, while operations keep flowing and its socket is
-/// still behind: it gets its `sync_response` (the missed range onwards) and
-/// is not closed.
+/// A lagged reader recovers as `docs/protocol.md`, "Ordering, lag and
+/// recovery", says, with `sync_request` sent as soon as it sees `lagged`,
+/// while operations keep flowing and its socket is still behind: it gets its
+/// `sync_response` (the missed range onwards) and is not closed.
 #[test]
 fn lagged_reader_recovers_while_operations_keep_flowing() {
     let (n1, n2) = (lag_volume(), lag_volume());

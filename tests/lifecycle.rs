@@ -1,5 +1,7 @@
-//! The session lifecycle (PROTOCOL.md section 2): registration at the
-//! upgrade, statistics on the way out, and shutdown (sections 8 and 10).
+//! The session lifecycle (`docs/protocol.md`, "Session lifecycle"):
+//! registration at the upgrade, statistics on the way out, and shutdown
+//! (the close codes of "Close codes", the bounds of "Limits", and
+//! `docs/architecture.md`, "Shutdown").
 
 mod common;
 use common::*;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use docrelay::validate::{
     ConnectionValidator, PublishError, ValidationRequest, ValidationResult, ValidationResultPublisher,
 };
-use docrelay::{Config, RelayHandle, RelayOptions};
+use docrelay::{Config, RelayOptions};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
@@ -36,10 +38,10 @@ impl ConnectionValidator for Gate {
 
 type Held = mpsc::Receiver<(String, ValidationResult, ValidationResultPublisher)>;
 
-fn start_gated(config: Config) -> (RelayHandle, Held) {
+fn start_gated(config: Config) -> (Relay, Held) {
     let (tx, rx) = mpsc::channel();
     let relay =
-        start_with(config, RelayOptions { validator: Some(Arc::new(Gate(Mutex::new(tx)))), ..RelayOptions::default() });
+        relay_with(config, RelayOptions { validator: Some(Arc::new(Gate(Mutex::new(tx)))), ..RelayOptions::default() });
     (relay, rx)
 }
 
@@ -58,21 +60,10 @@ fn accept(mut result: ValidationResult, publisher: &ValidationResultPublisher) {
     }
 }
 
-fn assert_pong(ws: &mut Client) {
-    let reply = request(ws, r#"{"type":"ping"}"#);
-    assert_eq!(reply["type"], "pong", "{reply}");
-}
-
-fn sessions_sum(addr: SocketAddr, cores: usize) -> u64 {
-    (0..cores).map(|c| metric(addr, &format!("docrelay_sessions{{core=\"{c}\"}}"))).sum()
-}
-
 /// A raw client that is CONNECTED (its ping was answered).
 fn raw_session(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
     let (mut s, mut pending) = raw_upgrade(addr, path);
-    s.write_all(&client_frame(true, 0x1, br#"{"type":"ping"}"#)).unwrap();
-    let (op, payload) = read_frame(&mut s, &mut pending).expect("a pong");
-    assert_eq!((op, &payload[..]), (0x1, &br#"{"type":"pong"}"#[..]));
+    raw_assert_pong(&mut s, &mut pending);
     (s, pending)
 }
 
@@ -95,9 +86,10 @@ fn documents_on_every_core(cores: usize) -> Vec<String> {
     unreachable!()
 }
 
-/// Shuts the relay down and joins it on another thread; the receiver says
-/// when `join` returned.
-fn shutdown_in_background(relay: RelayHandle) -> mpsc::Receiver<()> {
+/// Shuts the relay down (its sessions still open) and joins it on another
+/// thread; the receiver says when `join` returned.
+fn shutdown_in_background(relay: Relay) -> mpsc::Receiver<()> {
+    let relay = relay.into_handle();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         relay.shutdown();
@@ -127,11 +119,11 @@ fn connection_is_registered_while_validating() {
     assert_eq!(metric(addr, "docrelay_active_connections"), 1);
     assert!(metric(addr, "docrelay_peak_concurrent_connections") >= 1);
     assert_eq!(metric(addr, "docrelay_connections_total"), 1);
-    assert_eq!(sessions_sum(addr, cores), 0, "not CONNECTED before the verdict");
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 0, "not CONNECTED before the verdict");
 
     accept(result, &publisher);
     assert_pong(&mut ws);
-    assert_eq!(sessions_sum(addr, cores), 1);
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 1);
     assert_eq!(metric(addr, "docrelay_active_connections"), 1);
     assert_eq!(metric(addr, "docrelay_peak_concurrent_connections"), 1);
 }
@@ -140,7 +132,7 @@ fn connection_is_registered_while_validating() {
 /// Close, a plain TCP close, a TCP reset.
 #[test]
 fn counts_drop_back_after_close_and_abrupt_drop() {
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
 
@@ -151,7 +143,7 @@ fn counts_drop_back_after_close_and_abrupt_drop() {
     let (fin, _) = raw_session(addr, "/ws/documents/count-fin");
     let (rst, _) = raw_session(addr, "/ws/documents/count-rst");
     assert_eq!(metric(addr, "docrelay_active_connections"), 6);
-    assert_eq!(sessions_sum(addr, cores), 6);
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 6);
 
     // Three close properly: the relay echoes the Close and lets go.
     let keep = clients.pop().unwrap();
@@ -173,7 +165,7 @@ fn counts_drop_back_after_close_and_abrupt_drop() {
     drop(rst);
 
     eventually("only one connection is left", || metric(addr, "docrelay_active_connections") == 1);
-    eventually("only one session is left", || sessions_sum(addr, cores) == 1);
+    eventually("only one session is left", || metric_sum(addr, "docrelay_sessions", cores) == 1);
     assert_eq!(metric(addr, "docrelay_connections_total"), 6);
     assert_eq!(metric(addr, "docrelay_peak_concurrent_connections"), 6);
     let mut keep = keep;
@@ -184,7 +176,7 @@ fn counts_drop_back_after_close_and_abrupt_drop() {
 /// returns once they are gone.
 #[test]
 fn shutdown_closes_every_session_with_1001() {
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let docs = documents_on_every_core(cores);
@@ -197,7 +189,7 @@ fn shutdown_closes_every_session_with_1001() {
         }
     }
     for core in 0..cores {
-        assert_eq!(metric(addr, &format!("docrelay_sessions{{core=\"{core}\"}}")), 4, "core {core}");
+        assert_eq!(core_metric(addr, "docrelay_sessions", core), 4, "core {core}");
     }
 
     let done = shutdown_in_background(relay);
@@ -218,7 +210,7 @@ fn shutdown_does_not_wait_forever_for_a_silent_client() {
     let mut c = config();
     c.limits.close_timeout_ms = 200;
     c.limits.shutdown_grace_ms = 1000;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let (mut silent, mut pending) = raw_session(addr, "/ws/documents/silent");
     let mut polite = connect(addr, "/ws/documents/polite");
@@ -244,7 +236,7 @@ fn shutdown_does_not_wait_for_a_client_that_does_not_read() {
     // Small, but at least one read's worth of Pongs (64 KiB), so that the
     // flood cannot overflow it (see the 1008 test).
     c.limits.max_send_buffer_bytes = 64 * 1024;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let (mut stuck, _) = raw_session(addr, "/ws/documents/stuck");
@@ -266,14 +258,14 @@ fn client_that_stopped_reading_is_disconnected_and_unregistered() {
     c.limits.ping_interval_ms = 60_000;
     c.limits.close_timeout_ms = 200;
     c.limits.max_send_buffer_bytes = 64 * 1024;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let (mut stuck, _) = raw_session(addr, "/ws/documents/stuck");
     set_small_buffers(&stuck);
     flood_with_pings_until_blocked(&mut stuck, addr, cores);
     eventually("the stuck client is unregistered", || metric(addr, "docrelay_active_connections") == 0);
-    assert_eq!(sessions_sum(addr, cores), 0);
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 0);
 }
 
 /// The same stuck client, gone with a TCP reset instead: the relay's pending
@@ -282,7 +274,7 @@ fn client_that_stopped_reading_is_disconnected_and_unregistered() {
 fn client_that_stopped_reading_then_reset_is_unregistered() {
     let mut c = config();
     c.limits.max_send_buffer_bytes = 64 * 1024;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let (mut stuck, _) = raw_session(addr, "/ws/documents/stuck");
@@ -291,7 +283,7 @@ fn client_that_stopped_reading_then_reset_is_unregistered() {
     set_linger_zero(&stuck);
     drop(stuck);
     eventually("the reset client is unregistered", || metric(addr, "docrelay_active_connections") == 0);
-    assert_eq!(sessions_sum(addr, cores), 0);
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 0);
     let mut other = connect(addr, "/ws/documents/stuck");
     assert_pong(&mut other);
 }
@@ -305,7 +297,7 @@ fn send_buffer_overflow_closes_with_1008_and_the_relay_survives() {
     // The smallest allowed: one read of pipelined Pings queues more than
     // twice this in Pongs.
     c.limits.max_send_buffer_bytes = 1024;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let (mut flooder, _) = raw_session(addr, "/ws/documents/flood");
     let mut burst = Vec::new();
@@ -374,7 +366,7 @@ fn publisher_reports_closed_after_shutdown() {
 /// A relay (long handshake and validation timeouts) with one connection that
 /// has sent half its request head and one upgraded connection whose verdict
 /// the test holds (still in `held`).
-fn relay_with_handshakes_in_progress() -> (RelayHandle, Held, TcpStream, Client) {
+fn relay_with_handshakes_in_progress() -> (Relay, Held, TcpStream, Client) {
     let mut c = config();
     c.limits.handshake_timeout_ms = 60_000;
     c.limits.validation_timeout_ms = 60_000;
@@ -394,16 +386,6 @@ fn relay_with_handshakes_in_progress() -> (RelayHandle, Held, TcpStream, Client)
     tx.send((doc, result, publisher)).unwrap();
     drop(held);
     (relay, rx, partial, validating)
-}
-
-/// After the relay's Close (answered by tungstenite), the relay ends the
-/// connection and nothing else arrives.
-fn assert_ends_after_close(ws: &mut Client) {
-    match ws.read() {
-        Err(tungstenite::Error::ConnectionClosed) => {}
-        Ok(m) => panic!("nothing may follow the Close, got {m:?}"),
-        Err(e) => panic!("unexpected error after the Close: {e}"),
-    }
 }
 
 /// Makes `drop` send a TCP reset instead of a FIN.
@@ -448,8 +430,7 @@ fn set_small_buffers(s: &TcpStream) {
 /// our writes have been refused for a while and meanwhile the relay queued
 /// no new Pong (so it is not merely slow).
 fn flood_with_pings_until_blocked(s: &mut TcpStream, addr: SocketAddr, cores: usize) {
-    let pongs_queued =
-        || -> u64 { (0..cores).map(|c| metric(addr, &format!("docrelay_messages_out_total{{core=\"{c}\"}}"))).sum() };
+    let pongs_queued = || metric_sum(addr, "docrelay_messages_out_total", cores);
     let mut wire = Vec::new();
     for _ in 0..512 {
         wire.extend(client_frame(true, 0x9, &[7u8; 125]));

@@ -1,20 +1,23 @@
-//! The relay protocol v1 (PROTOCOL.md sections 4, 5 and 7) through real
-//! tungstenite clients: authentication (dev and JWT with HS256, RS256 and
-//! ES256), the order of the message checks, documents (join, leave,
-//! presence), operations and their acks, cursors, snapshots and sync, rate
-//! limits, and the metrics that count them.
+//! The relay protocol v1 (`docs/protocol.md`, "Client messages", "Relay
+//! messages", "Errors" and "Authentication") through real tungstenite clients:
+//! authentication (dev and JWT with HS256, RS256 and ES256), the order of the
+//! message checks, documents (join, leave, presence), operations and their
+//! acks, cursors, snapshots and sync, rate limits ("Limits", driven by a
+//! manual clock), and the metrics that count them.
 
 mod common;
 use common::*;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use docrelay::auth::PALETTE;
+use docrelay::clock::ManualClock;
 use docrelay::config::AuthMode;
-use docrelay::{Config, RelayHandle};
+use docrelay::{Config, RelayOptions};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tungstenite::Message;
@@ -23,58 +26,24 @@ use tungstenite::Message;
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// A relay for one test. Its clients, declared after it, are dropped first;
-/// the relay is then shut down once it has seen them all go (bounded wait),
-/// so that a shutdown never races with sessions that are still ending (see
-/// `a_session_closing_on_the_rate_limit_does_not_stall_its_document`).
-struct Relay(Option<RelayHandle>);
-
-impl std::ops::Deref for Relay {
-    type Target = RelayHandle;
-    fn deref(&self) -> &RelayHandle {
-        self.0.as_ref().expect("relay running")
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let Some(handle) = self.0.take() else { return };
-        let addr = handle.local_addr();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && active_connections(addr).is_none_or(|n| n > 0) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        drop(handle);
-    }
-}
-
-/// `docrelay_active_connections`, without panicking (used in `Drop`).
-fn active_connections(addr: SocketAddr) -> Option<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines().find_map(|l| l.strip_prefix("docrelay_active_connections ")).and_then(|v| v.trim().parse().ok())
-}
-
-fn test_config(f: impl FnOnce(&mut Config)) -> Config {
+/// The configuration of these tests: short close timeouts.
+fn test_config() -> Config {
     let mut c = config();
     c.limits.close_timeout_ms = 300;
     c.limits.shutdown_grace_ms = 300;
-    f(&mut c);
     c
 }
 
-/// A relay on an ephemeral port with short close timeouts, after `f` adjusted
-/// its configuration.
-fn relay_with(f: impl FnOnce(&mut Config)) -> Relay {
-    Relay(Some(start(test_config(f))))
+/// A relay on an ephemeral port with [`test_config`].
+fn test_relay() -> Relay {
+    test_relay_with(|_| {})
 }
 
-fn relay() -> Relay {
-    relay_with(|_| {})
+/// A relay with [`test_config`], after `f` adjusted it.
+fn test_relay_with(f: impl FnOnce(&mut Config)) -> Relay {
+    let mut c = test_config();
+    f(&mut c);
+    relay(c)
 }
 
 fn doc_path(doc: &str) -> String {
@@ -137,12 +106,6 @@ fn assert_error(ws: &mut Client, json: &str, code: &str) {
     assert_eq!(v["type"], "error", "{json} -> {v}");
     assert_eq!(v["code"], code, "{json} -> {v}");
     assert!(v["message"].is_string(), "{json} -> {v}");
-}
-
-/// The session is open and has nothing else queued before the pong.
-fn assert_pong(ws: &mut Client) {
-    let v = ask(ws, r#"{"type":"ping"}"#);
-    assert_eq!(v, json!({"type": "pong"}));
 }
 
 /// Nothing arrives within `ms`.
@@ -237,10 +200,6 @@ fn cursor(ws: &mut Client, payload: &str) {
     send(ws, &format!(r#"{{"type":"cursor","payload":{payload}}}"#));
 }
 
-fn sum_metric(addr: SocketAddr, family: &str, cores: usize) -> u64 {
-    (0..cores).map(|c| metric(addr, &format!("{family}{{core=\"{c}\"}}"))).sum()
-}
-
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
@@ -250,28 +209,10 @@ fn hs256(secret: &str, claims: &Value) -> String {
 }
 
 fn jwt_relay(secret: &str) -> Relay {
-    relay_with(|c| {
+    test_relay_with(|c| {
         c.auth.mode = AuthMode::Jwt;
         c.auth.jwt_secret = secret.into();
     })
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("docrelay-protocol-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn openssl(args: &[&str]) {
@@ -299,12 +240,12 @@ const RSA: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
 const EC_P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
 
 // ---------------------------------------------------------------------------
-// Section 7: authentication, dev mode
+// Authentication: `dev` mode
 // ---------------------------------------------------------------------------
 
 #[test]
 fn dev_auth_result_carries_identity_unique_session_and_palette_colour() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
 
     let mut clients = Vec::new();
@@ -343,8 +284,8 @@ fn dev_auth_result_carries_identity_unique_session_and_palette_colour() {
 /// restarts an embedded relay) must not hand out the same ids.
 #[test]
 fn session_ids_are_unique_across_relays_in_one_process() {
-    let first = relay();
-    let second = relay();
+    let first = test_relay();
+    let second = test_relay();
     let (_a, a) = authed(first.local_addr(), "/ws/documents/s", "ada");
     let (_b, b) = authed(second.local_addr(), "/ws/documents/s", "ada");
     assert_ne!(a["session_id"], b["session_id"], "{a} {b}");
@@ -352,7 +293,7 @@ fn session_ids_are_unique_across_relays_in_one_process() {
 
 #[test]
 fn color_query_parameter_is_normalised_and_invalid_ones_fall_back_to_the_palette() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (_plain, plain) = authed(addr, "/ws/documents/col", "ada");
     let palette_colour = plain["color"].as_str().unwrap().to_string();
@@ -385,7 +326,7 @@ fn color_query_parameter_is_normalised_and_invalid_ones_fall_back_to_the_palette
 
 #[test]
 fn dev_empty_token_fails_with_auth_failed_and_4001() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     assert_eq!(metric(addr, "docrelay_auth_failures_total"), 0);
 
@@ -405,7 +346,7 @@ fn dev_empty_token_fails_with_auth_failed_and_4001() {
 
 #[test]
 fn no_authenticate_within_the_auth_timeout_closes_4008() {
-    let relay = relay_with(|c| c.limits.auth_timeout_ms = 300);
+    let relay = test_relay_with(|c| c.limits.auth_timeout_ms = 300);
     let addr = relay.local_addr();
 
     let mut silent = connect(addr, "/ws/documents/t");
@@ -439,7 +380,7 @@ fn no_authenticate_within_the_auth_timeout_closes_4008() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 7: authentication, JWT
+// Authentication: `jwt` mode
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -533,9 +474,9 @@ fn jwt_docs_claim_allows_exact_ids_and_prefixes_and_forbids_others_with_4003() {
 /// RS256 or ES256 with `auth.jwt_public_key_file`, keys made by `openssl`.
 fn jwt_public_key(name: &str, genpkey: &[&str], alg: Algorithm, signing_key: fn(&[u8]) -> EncodingKey) {
     let dir = TempDir::new(name);
-    let (private, public_file) = key_pair(&dir.0, "relay", genpkey);
-    let (other_private, _) = key_pair(&dir.0, "other", genpkey);
-    let relay = relay_with(|c| {
+    let (private, public_file) = key_pair(dir.path(), "relay", genpkey);
+    let (other_private, _) = key_pair(dir.path(), "other", genpkey);
+    let relay = test_relay_with(|c| {
         c.auth.mode = AuthMode::Jwt;
         c.auth.jwt_public_key_file = public_file.clone();
     });
@@ -573,12 +514,12 @@ fn jwt_es256_with_public_key_file() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 4: states and the order of the checks
+// Client messages: states and the order of the checks
 // ---------------------------------------------------------------------------
 
 #[test]
 fn before_authentication_only_ping_and_authenticate_are_allowed() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let mut ws = connect(addr, "/ws/documents/pre");
     assert_pong(&mut ws);
@@ -607,7 +548,7 @@ fn before_authentication_only_ping_and_authenticate_are_allowed() {
 
 #[test]
 fn check_order_before_authentication() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let mut ws = connect(addr, "/ws/documents/order");
     for (m, code) in [
@@ -647,7 +588,7 @@ fn check_order_before_authentication() {
 
 #[test]
 fn check_order_after_authentication_and_join() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut ws, _) = authed(addr, "/ws/documents/fields", "ada");
     for (m, code) in [
@@ -697,7 +638,7 @@ fn check_order_after_authentication_and_join() {
 
 #[test]
 fn document_messages_before_join_are_not_joined() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut ws, _) = authed(addr, "/ws/documents/nj", "ada");
     for m in [
@@ -716,12 +657,12 @@ fn document_messages_before_join_are_not_joined() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 5: documents and presence
+// Documents and presence
 // ---------------------------------------------------------------------------
 
 #[test]
 fn join_lists_participants_and_tells_the_others() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut a, a_auth) = authed(addr, "/ws/documents/room?color=%23AA0011", "alice");
     let ja = join(&mut a);
@@ -761,7 +702,7 @@ fn join_lists_participants_and_tells_the_others() {
 
 #[test]
 fn leave_document_stops_broadcasts_and_tells_the_others() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut a, a_id, mut b, _) = pair(addr, "lv");
 
@@ -790,7 +731,7 @@ fn leave_document_stops_broadcasts_and_tells_the_others() {
 
 #[test]
 fn a_joined_session_that_ends_is_announced_as_user_left() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut watcher, _) = joined(addr, "gone", "watcher");
 
@@ -838,12 +779,12 @@ fn join_count(addr: SocketAddr, doc: &str) -> usize {
 }
 
 // ---------------------------------------------------------------------------
-// Section 5: operations
+// Operations
 // ---------------------------------------------------------------------------
 
 #[test]
 fn ack_echoes_client_op_id_exactly_and_only_when_given() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut ws, _) = joined(addr, "acks", "ada");
 
@@ -874,7 +815,7 @@ fn ack_echoes_client_op_id_exactly_and_only_when_given() {
 
 #[test]
 fn seq_grows_by_one_per_document_independently() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut a, _) = joined(addr, "seq-a", "ada");
     let (mut b, _) = joined(addr, "seq-b", "ada");
@@ -905,7 +846,7 @@ fn seq_grows_by_one_per_document_independently() {
 
 #[test]
 fn operation_broadcast_carries_the_raw_payload_and_skips_the_sender() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     // A user id that needs escaping in JSON.
     let tricky = "a\"d\\a é";
@@ -950,7 +891,7 @@ fn operation_broadcast_carries_the_raw_payload_and_skips_the_sender() {
 
 #[test]
 fn operation_payload_may_be_any_json_value() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut a, _, mut b, _) = pair(addr, "any");
     for (n, payload) in ["\"text\"", "-3.5e2", "[]", "{}", "true", "false", "null"].iter().enumerate() {
@@ -962,12 +903,12 @@ fn operation_payload_may_be_any_json_value() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 5: cursors
+// Cursors
 // ---------------------------------------------------------------------------
 
 #[test]
 fn cursor_is_broadcast_raw_on_presence_to_the_others_only() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let (mut a, a_auth) = authed(addr, "/ws/documents/cur?color=ABCDEF", "alice");
     join(&mut a);
@@ -1001,7 +942,7 @@ fn cursor_is_broadcast_raw_on_presence_to_the_others_only() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 5: snapshots and sync
+// Snapshots and sync
 // ---------------------------------------------------------------------------
 
 fn sync(ws: &mut Client, since: u64) -> Value {
@@ -1023,7 +964,7 @@ fn ops_seen(a: &mut Client, b: &mut Client, from: u64, to: u64) -> Vec<Value> {
 
 #[test]
 fn snapshot_is_acked_checked_against_seq_and_only_a_newer_one_replaces() {
-    let relay = relay_with(|c| c.documents.history_ops = 3);
+    let relay = test_relay_with(|c| c.documents.history_ops = 3);
     let addr = relay.local_addr();
     let (mut a, _, mut b, _) = pair(addr, "snap");
     assert_error(&mut a, r#"{"type":"snapshot","seq":1,"state":{}}"#, "BAD_SNAPSHOT");
@@ -1061,7 +1002,7 @@ fn snapshot_is_acked_checked_against_seq_and_only_a_newer_one_replaces() {
 
 #[test]
 fn sync_response_from_history_from_snapshot_or_history_unavailable() {
-    let relay = relay_with(|c| c.documents.history_ops = 5);
+    let relay = test_relay_with(|c| c.documents.history_ops = 5);
     let addr = relay.local_addr();
     let (mut a, _, mut b, _) = pair(addr, "sync");
 
@@ -1105,7 +1046,7 @@ fn sync_response_from_history_from_snapshot_or_history_unavailable() {
 
 #[test]
 fn join_with_since_is_followed_by_a_sync_response() {
-    let relay = relay_with(|c| c.documents.history_ops = 5);
+    let relay = test_relay_with(|c| c.documents.history_ops = 5);
     let addr = relay.local_addr();
     let (mut a, _, mut b, _) = pair(addr, "js");
     let seen = ops_seen(&mut a, &mut b, 1, 8);
@@ -1133,20 +1074,28 @@ fn join_with_since_is_followed_by_a_sync_response() {
 }
 
 // ---------------------------------------------------------------------------
-// Section 4, step 5: rate limits
+// Rate limits (the order of the checks, step 5; "Limits")
 // ---------------------------------------------------------------------------
 
-fn rate_relay(ops: u32, cursors: u32) -> Relay {
-    relay_with(|c| {
-        c.limits.max_ops_per_sec = ops;
-        c.limits.max_cursor_per_sec = cursors;
-        c.limits.rate_limit_grace_ms = 400;
-    })
+/// `limits.rate_limit_grace_ms` of the rate-limit tests: shorter than the
+/// one-second window, so that a client outstays it within one window.
+const RATE_GRACE_MS: u64 = 400;
+
+/// A relay with these per-second limits (0: none) whose rate limits read the
+/// returned clock, which moves only when the test advances it.
+fn rate_relay(ops: u32, cursors: u32) -> (Relay, Arc<ManualClock>) {
+    let clock = ManualClock::new();
+    let mut c = test_config();
+    c.limits.max_ops_per_sec = ops;
+    c.limits.max_cursor_per_sec = cursors;
+    c.limits.rate_limit_grace_ms = RATE_GRACE_MS;
+    let relay = relay_with(c, RelayOptions { clock: Some(clock.clone()), ..RelayOptions::default() });
+    (relay, clock)
 }
 
 #[test]
 fn operations_over_the_rate_limit_are_dropped_with_rate_limited() {
-    let relay = rate_relay(5, 0);
+    let (relay, clock) = rate_relay(5, 0);
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let (mut a, _, mut b, _) = pair(addr, "rl");
@@ -1162,11 +1111,11 @@ fn operations_over_the_rate_limit_are_dropped_with_rate_limited() {
     assert_eq!((v["type"].as_str(), v["code"].as_str()), (Some("error"), Some("RATE_LIMITED")), "{v}");
     // Field errors come before the rate check.
     assert_error(&mut a, r#"{"type":"operation"}"#, "BAD_MESSAGE");
-    eventually("the drop is counted", || sum_metric(addr, "docrelay_rate_limited_total", cores) >= 1);
-    assert_eq!(sum_metric(addr, "docrelay_operations_total", cores), 5);
+    eventually("the drop is counted", || metric_sum(addr, "docrelay_rate_limited_total", cores) >= 1);
+    assert_eq!(metric_sum(addr, "docrelay_operations_total", cores), 5);
 
-    // The dropped operation took no seq and reached no one.
-    std::thread::sleep(Duration::from_millis(1100));
+    // The dropped operation took no seq and reached no one. (The next window.)
+    clock.advance(Duration::from_millis(1100));
     assert_eq!(op(&mut a, "7"), 6);
     let seqs: Vec<(u64, Value)> =
         (0..6).map(|_| broadcast(&mut b)).map(|v| (v["seq"].as_u64().unwrap(), v["payload"].clone())).collect();
@@ -1178,52 +1127,67 @@ fn operations_over_the_rate_limit_are_dropped_with_rate_limited() {
     assert_eq!(broadcast(&mut b)["type"], "cursor");
 }
 
-/// Keeps sending `message` every 25 ms until the relay closes; returns the
-/// close code and how many `RATE_LIMITED` errors came before it.
-fn flood_until_closed(ws: &mut Client, message: &str) -> (u16, usize) {
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let mut limited = 0;
-    set_timeout(ws, Duration::from_millis(25));
+/// The next direct reply to `ws` as JSON, or (`Err`) the code of the relay's Close.
+fn reply_or_close(ws: &mut Client) -> Result<Value, u16> {
     loop {
-        assert!(Instant::now() < deadline, "still open after {limited} RATE_LIMITED errors");
-        let _ = ws.send(Message::text(message));
-        loop {
-            match ws.read() {
-                Ok(Message::Text(t)) => {
-                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                    match v["type"].as_str() {
-                        Some("ack") => {}
-                        Some("error") if v["code"] == "RATE_LIMITED" => limited += 1,
-                        _ => panic!("unexpected reply {v}"),
-                    }
-                }
-                Ok(Message::Close(Some(f))) => return (u16::from(f.code), limited),
-                Ok(Message::Close(None)) => return (1005, limited),
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-                {
-                    break
-                }
-                Err(e) => panic!("connection ended without a Close: {e}"),
+        match ws.read().expect("a reply or a Close from the relay") {
+            Message::Text(t) => {
+                return Ok(serde_json::from_str(t.as_str()).unwrap_or_else(|e| panic!("not JSON ({e}): {t}")))
+            }
+            Message::Close(f) => return Err(f.map_or(1005, |f| u16::from(f.code))),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected a direct reply or a Close, got {other:?}"),
+        }
+    }
+}
+
+/// A client that stays over its rate: `limit + 1` copies of `message` at
+/// once (the last one dropped with `RATE_LIMITED`), then one more each time
+/// the relay's clock moves on by a quarter of the grace, within the same
+/// one-second window. Each of those is dropped with `RATE_LIMITED` until the
+/// client has been over its limit for the grace; then the relay closes.
+/// Returns the close code and how many `RATE_LIMITED` errors came before it.
+/// The Close is not answered (tungstenite would do that on its next call),
+/// so the session stays CLOSING on the relay.
+fn stay_over_the_limit_until_closed(ws: &mut Client, message: &str, limit: u32, clock: &ManualClock) -> (u16, usize) {
+    let grace = Duration::from_millis(RATE_GRACE_MS);
+    assert!(grace < Duration::from_secs(1), "the grace must run out within one window");
+    let step = grace / 4;
+    for _ in 0..=limit {
+        send(ws, message);
+    }
+    let (mut over_for, mut limited) = (Duration::ZERO, 0);
+    loop {
+        match reply_or_close(ws) {
+            // The acks of the messages within the limit.
+            Ok(v) if v["type"] == "ack" => continue,
+            Ok(v) if v["type"] == "error" && v["code"] == "RATE_LIMITED" => limited += 1,
+            Ok(v) => panic!("unexpected reply {v}"),
+            Err(code) => {
+                assert!(over_for >= grace, "closed {over_for:?} over the limit, within the grace of {grace:?}");
+                return (code, limited);
             }
         }
+        assert!(over_for <= grace, "still open {over_for:?} over the limit, after {limited} RATE_LIMITED errors");
+        clock.advance(step);
+        over_for += step;
+        send(ws, message);
     }
 }
 
 #[test]
 fn operations_over_the_limit_beyond_the_grace_close_1008() {
-    let relay = rate_relay(5, 0);
+    let (relay, clock) = rate_relay(5, 0);
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let (mut a, a_id, mut b, _) = pair(addr, "rl-close");
-    let (code, limited) = flood_until_closed(&mut a, r#"{"type":"operation","payload":{}}"#);
+    let (code, limited) = stay_over_the_limit_until_closed(&mut a, r#"{"type":"operation","payload":{}}"#, 5, &clock);
     assert_eq!(code, 1008);
     assert!(limited >= 1, "no RATE_LIMITED before the close");
-    eventually("drops are counted", || sum_metric(addr, "docrelay_rate_limited_total", cores) >= limited as u64);
+    eventually("drops are counted", || metric_sum(addr, "docrelay_rate_limited_total", cores) >= limited as u64);
     // The other session is unaffected: it gets the accepted operations, in
     // order, and A's departure.
-    let accepted = sum_metric(addr, "docrelay_operations_total", cores);
+    let accepted = metric_sum(addr, "docrelay_operations_total", cores);
     assert!(accepted >= 5, "{accepted}");
     let (mut ops, mut left) = (Vec::new(), false);
     while ops.len() < accepted as usize || !left {
@@ -1238,40 +1202,29 @@ fn operations_over_the_limit_beyond_the_grace_close_1008() {
     assert_pong(&mut b);
 }
 
-/// PROTOCOL.md sections 2 and 6: a session the relay is closing waits at
-/// most the close timeout for its peer, and never holds up the other sessions
-/// of its document. Here A is closed for its rate (1008) and does not answer
-/// the Close; B's operation must still be acknowledged.
+/// `docs/protocol.md`, "Session lifecycle" and "Ordering, lag and recovery":
+/// a session the relay is closing waits at most the close timeout for its
+/// peer, and never holds up the other sessions of its document. Here A is
+/// closed for its rate (1008) and does not answer the Close; B's operation
+/// must still be acknowledged, and the relay then shuts down as usual.
 #[test]
 fn a_session_closing_on_the_rate_limit_does_not_stall_its_document() {
-    let relay = start(test_config(|c| {
-        c.limits.max_ops_per_sec = 5;
-        c.limits.rate_limit_grace_ms = 400;
-    }));
+    let (relay, clock) = rate_relay(5, 0);
     let addr = relay.local_addr();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let (mut a, _, mut b, _) = pair(addr, "stall");
-        // A is closed; tungstenite answers the Close only on its next call, so
-        // A stays in CLOSING on the relay.
-        let (code, _) = flood_until_closed(&mut a, r#"{"type":"operation","payload":{}}"#);
-        assert_eq!(code, 1008);
-        let accepted = sum_metric(addr, "docrelay_operations_total", relay.cpus().len());
-        set_timeout(&b, Duration::from_secs(5));
-        let mut seen = Vec::new();
-        assert_eq!(op_collecting(&mut b, r#"{"from":"b"}"#, &mut seen), accepted + 1, "B's operation");
-        assert_pong(&mut b);
-        drop(a);
-    }));
-    if let Err(panic) = outcome {
-        // The stuck core would never let the relay shut down: leave it.
-        std::mem::forget(relay);
-        std::panic::resume_unwind(panic);
-    }
+    let (mut a, _, mut b, _) = pair(addr, "stall");
+    let (code, _) = stay_over_the_limit_until_closed(&mut a, r#"{"type":"operation","payload":{}}"#, 5, &clock);
+    assert_eq!(code, 1008);
+    let accepted = metric_sum(addr, "docrelay_operations_total", relay.cpus().len());
+    set_timeout(&b, Duration::from_secs(5));
+    let mut seen = Vec::new();
+    assert_eq!(op_collecting(&mut b, r#"{"from":"b"}"#, &mut seen), accepted + 1, "B's operation");
+    assert_pong(&mut b);
+    drop(a);
 }
 
 #[test]
 fn cursors_over_the_rate_limit_are_dropped_with_rate_limited() {
-    let relay = rate_relay(0, 5);
+    let (relay, clock) = rate_relay(0, 5);
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let (mut a, _, mut b, _) = pair(addr, "rlc");
@@ -1282,8 +1235,9 @@ fn cursors_over_the_rate_limit_are_dropped_with_rate_limited() {
     // Only the sixth is answered, with the error.
     let v = reply(&mut a);
     assert_eq!((v["type"].as_str(), v["code"].as_str()), (Some("error"), Some("RATE_LIMITED")), "{v}");
-    eventually("the drop is counted", || sum_metric(addr, "docrelay_rate_limited_total", cores) == 1);
-    std::thread::sleep(Duration::from_millis(1100));
+    eventually("the drop is counted", || metric_sum(addr, "docrelay_rate_limited_total", cores) == 1);
+    // The next window.
+    clock.advance(Duration::from_millis(1100));
     cursor(&mut a, "7");
     assert_pong(&mut a);
     let seen: Vec<Value> = (0..6).map(|_| broadcast(&mut b)["payload"].clone()).collect();
@@ -1296,10 +1250,10 @@ fn cursors_over_the_rate_limit_are_dropped_with_rate_limited() {
 
 #[test]
 fn cursors_over_the_limit_beyond_the_grace_close_1008() {
-    let relay = rate_relay(0, 5);
+    let (relay, clock) = rate_relay(0, 5);
     let addr = relay.local_addr();
     let (mut a, a_id, mut b, _) = pair(addr, "rlc-close");
-    let (code, limited) = flood_until_closed(&mut a, r#"{"type":"cursor","payload":{}}"#);
+    let (code, limited) = stay_over_the_limit_until_closed(&mut a, r#"{"type":"cursor","payload":{}}"#, 5, &clock);
     assert_eq!(code, 1008);
     assert!(limited >= 1, "no RATE_LIMITED before the close");
     // The other session got the cursors within the limit, then A's departure.
@@ -1322,7 +1276,7 @@ fn cursors_over_the_limit_beyond_the_grace_close_1008() {
 
 #[test]
 fn documents_gauge_and_operations_counter() {
-    let relay = relay();
+    let relay = test_relay();
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let doc = "metrics-doc";
@@ -1351,6 +1305,6 @@ fn documents_gauge_and_operations_counter() {
         op(&mut other, "{}");
     }
     assert_error(&mut other, r#"{"type":"operation"}"#, "BAD_MESSAGE");
-    eventually("operations counted", || sum_metric(addr, "docrelay_operations_total", cores) == 7);
+    eventually("operations counted", || metric_sum(addr, "docrelay_operations_total", cores) == 7);
     assert_eq!((0..cores).map(documents).sum::<u64>(), 2, "two documents loaded");
 }

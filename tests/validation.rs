@@ -1,5 +1,6 @@
-//! VALIDATING (PROTOCOL.md sections 2 and 8): the built-in validators, an
-//! application's `ConnectionValidator`, its publisher and its timeout.
+//! VALIDATING (`docs/protocol.md`, "Session lifecycle" and "Close codes"):
+//! the built-in validators, an application's `ConnectionValidator`, its
+//! publisher and its timeout.
 
 mod common;
 use common::*;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use docrelay::validate::{
     ConnectionValidator, PublishError, ValidationRequest, ValidationResult, ValidationResultPublisher,
 };
-use docrelay::{Config, RelayHandle, RelayOptions};
+use docrelay::{Config, RelayOptions};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
 use tungstenite::Message;
@@ -35,11 +36,11 @@ where
     }
 }
 
-fn start_validated<F>(config: Config, f: F) -> RelayHandle
+fn start_validated<F>(config: Config, f: F) -> Relay
 where
     F: Fn(&ValidationRequest<'_>, ValidationResult, &ValidationResultPublisher) + Send + Sync + 'static,
 {
-    start_with(config, RelayOptions { validator: Some(Arc::new(FnValidator(f))), ..RelayOptions::default() })
+    relay_with(config, RelayOptions { validator: Some(Arc::new(FnValidator(f))), ..RelayOptions::default() })
 }
 
 /// The documented retry loop: publish, and while the queue is full, wait a
@@ -70,12 +71,6 @@ fn connect_with_headers(addr: SocketAddr, path_and_query: &str, headers: &[(&'st
     assert_eq!(resp.status(), 101);
     set_timeout(&ws, Duration::from_secs(10));
     ws
-}
-
-/// The session is CONNECTED: a ping is answered by a pong.
-fn assert_pong(ws: &mut Client) {
-    let reply = request(ws, r#"{"type":"ping"}"#);
-    assert_eq!(reply["type"], "pong", "{reply}");
 }
 
 /// Sends a ping and asserts that the very next thing from the relay is its
@@ -120,10 +115,6 @@ fn has_input(ws: &Client) -> bool {
     }
 }
 
-fn sessions_sum(addr: SocketAddr, cores: usize) -> u64 {
-    (0..cores).map(|c| metric(addr, &format!("docrelay_sessions{{core=\"{c}\"}}"))).sum()
-}
-
 /// A single relay core (so that every connection is on the same core): the
 /// first CPU this process may run on.
 fn one_core() -> docrelay::Cores {
@@ -148,7 +139,7 @@ fn short_config() -> Config {
 fn allowed_origins_reject_other_browser_origins_with_4010() {
     let mut c = config();
     c.validation.allowed_origins = vec!["https://good.example".into()];
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
 
     let mut good = connect_with_headers(addr, "/ws/documents/o1", &[("origin", "https://good.example")]);
@@ -167,7 +158,7 @@ fn allowed_origins_reject_other_browser_origins_with_4010() {
 fn max_connections_per_ip_rejects_with_4029_and_frees_on_close() {
     let mut c = short_config();
     c.validation.max_connections_per_ip = 2;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
 
     let mut a = connect(addr, "/ws/documents/ip1");
@@ -225,7 +216,7 @@ fn per_ip_slot_is_released_after_application_rejection_or_timeout() {
 fn max_connections_rejects_with_4029_relay_full() {
     let mut c = short_config();
     c.limits.max_connections = Some(2);
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
 
     let mut a = connect(addr, "/ws/documents/full1");
@@ -385,7 +376,7 @@ fn validator_that_never_answers_times_out_with_1011_and_late_verdict_is_discarde
     // The relay keeps working, and the stale verdict touches nobody.
     let mut ok = connect(addr, "/ws/documents/t1?token=ok");
     assert_pong(&mut ok);
-    assert_eq!(sessions_sum(addr, cores), 1);
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 1);
     assert_eq!(metric(addr, "docrelay_rejected_total{reason=\"validation\"}"), 0);
     assert_eq!(metric(addr, "docrelay_rejected_total{reason=\"validation_timeout\"}"), 1);
 }
@@ -561,7 +552,7 @@ fn rejections_are_counted_and_rejected_connections_unregister() {
 
     assert_eq!(metric(addr, "docrelay_rejected_total{reason=\"validation\"}"), 4);
     assert_eq!(metric(addr, "docrelay_connections_total"), 4);
-    assert_eq!(sessions_sum(addr, cores), 0, "a rejected connection never becomes a session");
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 0, "a rejected connection never becomes a session");
     eventually("rejected connections are unregistered", || metric(addr, "docrelay_active_connections") == 0);
     drop(raw);
 
@@ -569,14 +560,4 @@ fn rejections_are_counted_and_rejected_connections_unregister() {
     assert_pong(&mut ok);
     assert_eq!(metric(addr, "docrelay_rejected_total{reason=\"validation\"}"), 4);
     assert_eq!(metric(addr, "docrelay_active_connections"), 1);
-}
-
-/// After the relay's Close (answered by tungstenite), the relay ends the
-/// connection and nothing else arrives.
-fn assert_ends_after_close(ws: &mut Client) {
-    match ws.read() {
-        Err(tungstenite::Error::ConnectionClosed) => {}
-        Ok(m) => panic!("nothing may follow the Close, got {m:?}"),
-        Err(e) => panic!("unexpected error after the Close: {e}"),
-    }
 }

@@ -1,5 +1,6 @@
 //! WebSocket framing, control frames, the close handshake, limits and timeouts,
-//! end to end (PROTOCOL.md sections 2, 3, 4 and 8; RFC 6455).
+//! end to end (`docs/protocol.md`, "Session lifecycle", "Frames", "Client
+//! messages" and "Close codes"; RFC 6455).
 //!
 //! Well-formed traffic goes through a real tungstenite client; malformed input
 //! through raw sockets, where the opcode and payload of every relay frame are
@@ -150,10 +151,6 @@ fn quick_close_config() -> Config {
     c
 }
 
-fn sessions_total(addr: SocketAddr, cores: usize) -> u64 {
-    (0..cores).map(|c| metric(addr, &format!("docrelay_sessions{{core=\"{c}\"}}"))).sum()
-}
-
 /// Sends `wire` on a fresh raw session and expects the relay to fail the
 /// connection with `code`, then end the TCP connection.
 fn assert_fails_with(addr: SocketAddr, doc: &str, what: &str, wire: &[u8], code: u16) {
@@ -168,7 +165,7 @@ fn assert_fails_with(addr: SocketAddr, doc: &str, what: &str, wire: &[u8], code:
 
 #[test]
 fn ping_message_gets_pong_as_text_frame() {
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
 
     let mut ws = connect(addr, "/ws/documents/ping-ws");
@@ -194,7 +191,7 @@ fn ping_message_gets_pong_as_text_frame() {
 
 #[test]
 fn malformed_messages_get_error_replies_and_the_session_stays_open() {
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
     let mut raw = Raw::open(addr, "errors");
     let cases: &[(&str, u8, &[u8], &str)] = &[
@@ -235,14 +232,14 @@ fn malformed_messages_get_error_replies_and_the_session_stays_open() {
     let reply: Value = serde_json::from_str(&next_text(&mut ws)).unwrap();
     assert_error("ws: Binary invalid UTF-8", &reply, "BAD_MESSAGE");
     assert_error("ws: unknown type", &request(&mut ws, r#"{"type":"dance"}"#), "UNKNOWN_TYPE");
-    assert_eq!(request(&mut ws, r#"{"type":"ping"}"#)["type"], "pong");
+    assert_pong(&mut ws);
 }
 
 // ---------------------------------------------------------------- 3. ping/pong frames
 
 #[test]
 fn websocket_ping_gets_pong_with_the_same_payload() {
-    let relay = start(config());
+    let relay = relay(config());
     let mut raw = Raw::open(relay.local_addr(), "wsping");
     let payloads: Vec<Vec<u8>> = vec![b"hello".to_vec(), Vec::new(), vec![0xff, 0x00, 0x80], vec![b'z'; 125]];
     for p in &payloads {
@@ -263,7 +260,7 @@ fn websocket_ping_gets_pong_with_the_same_payload() {
 
 #[test]
 fn unsolicited_pong_is_ignored() {
-    let relay = start(config());
+    let relay = relay(config());
     let mut raw = Raw::open(relay.local_addr(), "unsolicited");
     raw.send_frame(true, PONG, b"x");
     raw.send_frame(true, PONG, b"");
@@ -275,7 +272,7 @@ fn unsolicited_pong_is_ignored() {
 
 #[test]
 fn fragmented_message_with_interleaved_ping() {
-    let relay = start(config());
+    let relay = relay(config());
     let mut raw = Raw::open(relay.local_addr(), "fragments");
     raw.send_frame(false, TEXT, br#"{"type""#);
     raw.send_frame(true, PING, b"mid-message");
@@ -323,7 +320,7 @@ fn fragmented_message_with_interleaved_ping() {
 
 #[test]
 fn code_point_split_across_fragments_is_accepted() {
-    let relay = start(config());
+    let relay = relay(config());
     let mut raw = Raw::open(relay.local_addr(), "utf8-split");
     let msg = "{\"type\":\"ping\",\"x\":\"h\u{e9}\u{20ac}\u{1f600}\"}".as_bytes().to_vec();
     let e = msg.iter().position(|&b| b == 0xc3).unwrap(); // é: 2 bytes
@@ -351,7 +348,7 @@ fn code_point_split_across_fragments_is_accepted() {
 
 #[test]
 fn client_close_is_echoed_then_tcp_ends() {
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
 
     let mut raw = Raw::open(addr, "close");
@@ -412,9 +409,9 @@ fn client_close_is_echoed_then_tcp_ends() {
 
 #[test]
 fn tungstenite_client_close_completes() {
-    let relay = start(config());
+    let relay = relay(config());
     let mut ws = connect(relay.local_addr(), "/ws/documents/ws-close");
-    assert_eq!(request(&mut ws, r#"{"type":"ping"}"#)["type"], "pong");
+    assert_pong(&mut ws);
     ws.close(None).unwrap();
     loop {
         match ws.read() {
@@ -448,7 +445,7 @@ fn tungstenite_client_close_completes() {
 
 #[test]
 fn invalid_utf8_fails_the_connection_with_1007() {
-    let relay = start(quick_close_config());
+    let relay = relay(quick_close_config());
     let addr = relay.local_addr();
     let mut healthy = connect(addr, "/ws/documents/utf8");
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -470,13 +467,13 @@ fn invalid_utf8_fails_the_connection_with_1007() {
     ];
     for (what, wire) in &cases {
         assert_fails_with(addr, "utf8", what, wire, 1007);
-        assert_eq!(request(&mut healthy, r#"{"type":"ping"}"#)["type"], "pong", "healthy client after {what}");
+        assert_pong_for(&mut healthy, &format!("healthy client after {what}"));
     }
 }
 
 #[test]
 fn invalid_utf8_in_a_first_fragment_fails_fast() {
-    let relay = start(quick_close_config());
+    let relay = relay(quick_close_config());
     let addr = relay.local_addr();
     // Only the non-final fragments are sent: the Close must come without the
     // final fragment ever arriving.
@@ -500,7 +497,7 @@ fn invalid_utf8_in_a_first_fragment_fails_fast() {
 
 #[test]
 fn protocol_errors_fail_the_connection_with_1002() {
-    let relay = start(quick_close_config());
+    let relay = relay(quick_close_config());
     let addr = relay.local_addr();
     // Healthy clients on the same document (same core) and another one.
     let mut same = connect(addr, "/ws/documents/proto");
@@ -570,15 +567,15 @@ fn protocol_errors_fail_the_connection_with_1002() {
         assert_eq!(code, 1002, "{what}: close code");
         raw.expect_eof(what);
         // 9: nobody else is affected.
-        assert_eq!(request(&mut same, r#"{"type":"ping"}"#)["type"], "pong", "same document after {what}");
-        assert_eq!(request(&mut other, r#"{"type":"ping"}"#)["type"], "pong", "other document after {what}");
+        assert_pong_for(&mut same, &format!("same document after {what}"));
+        assert_pong_for(&mut other, &format!("other document after {what}"));
     }
 }
 
 /// A protocol error in bytes that arrived together with the upgrade request.
 #[test]
 fn protocol_error_pipelined_behind_the_upgrade() {
-    let relay = start(quick_close_config());
+    let relay = relay(quick_close_config());
     let addr = relay.local_addr();
     for i in 0..4 {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -600,7 +597,7 @@ fn protocol_error_pipelined_behind_the_upgrade() {
         raw.expect_eof("reserved opcode behind the upgrade");
     }
     eventually("the failed sessions are gone", || metric(addr, "docrelay_active_connections") == 0);
-    eventually("no session left on any core", || sessions_total(addr, relay.cpus().len()) == 0);
+    eventually("no session left on any core", || metric_sum(addr, "docrelay_sessions", relay.cpus().len()) == 0);
 }
 
 // ---------------------------------------------------------------- 8. 1009
@@ -609,7 +606,7 @@ fn protocol_error_pipelined_behind_the_upgrade() {
 fn message_size_limit() {
     let mut c = quick_close_config();
     c.limits.max_message_bytes = 1024;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let mut healthy = connect(addr, "/ws/documents/limit");
 
@@ -675,7 +672,7 @@ fn message_size_limit() {
     }
     assert_fails_with(addr, "limit", "many fragments exceeding the limit", &wire, 1009);
 
-    assert_eq!(request(&mut healthy, r#"{"type":"ping"}"#)["type"], "pong", "healthy client after the 1009s");
+    assert_pong_for(&mut healthy, "healthy client after the 1009s");
     raw.assert_alive("the at-limit session after the others");
     // Every failed session ended; the two healthy ones remain.
     eventually("only the healthy sessions remain", || metric(addr, "docrelay_active_connections") == 2);
@@ -687,7 +684,7 @@ fn message_size_limit() {
 /// is dropped after the close timeout.
 #[test]
 fn unanswered_relay_close_is_dropped_after_the_close_timeout() {
-    let relay = start(quick_close_config());
+    let relay = relay(quick_close_config());
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
     let mut healthy = connect(addr, "/ws/documents/silent");
@@ -699,8 +696,10 @@ fn unanswered_relay_close_is_dropped_after_the_close_timeout() {
     // ... and gives up on the handshake after close_timeout_ms, although this
     // client keeps its socket open and says nothing.
     eventually("the silent session is gone", || metric(addr, "docrelay_active_connections") == 1);
-    eventually("the silent session is unregistered from its core", || sessions_total(addr, cores) == 1);
-    assert_eq!(request(&mut healthy, r#"{"type":"ping"}"#)["type"], "pong");
+    eventually("the silent session is unregistered from its core", || {
+        metric_sum(addr, "docrelay_sessions", cores) == 1
+    });
+    assert_pong(&mut healthy);
     drop(raw);
 }
 
@@ -710,7 +709,7 @@ fn unanswered_relay_close_is_dropped_after_the_close_timeout() {
 fn relay_close_waits_for_the_clients_close() {
     let mut c = config();
     c.limits.close_timeout_ms = 30_000;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let mut raw = Raw::open(addr, "reply");
     raw.send_frame(true, PING, &[0; 126]);
@@ -732,7 +731,7 @@ fn relay_close_waits_for_the_clients_close() {
 fn session_ends_once_the_client_answers_the_relays_close() {
     let mut c = config();
     c.limits.close_timeout_ms = 30_000;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let mut raw = Raw::open(addr, "reply-open");
     raw.send_frame(true, 0xB, b"");
@@ -753,7 +752,7 @@ fn idle_close_reply_ends_the_session() {
     c.limits.idle_timeout_ms = 300;
     c.limits.ping_interval_ms = 10_000;
     c.limits.close_timeout_ms = 30_000;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let mut raw = Raw::open(addr, "idle-reply");
     let (code, reason) = raw.next_close("idle close");
@@ -770,7 +769,7 @@ fn silent_client_is_pinged_then_closed_1001() {
     let mut c = quick_close_config();
     c.limits.idle_timeout_ms = 400;
     c.limits.ping_interval_ms = 150;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
     let started = Instant::now();
     let mut raw = Raw::open(addr, "idle");
@@ -798,7 +797,7 @@ fn active_clients_are_not_closed_for_idleness() {
     // to be closed; the test runs for more than twice the idle timeout.
     c.limits.idle_timeout_ms = 600;
     c.limits.ping_interval_ms = 150;
-    let relay = start(c);
+    let relay = relay(c);
     let addr = relay.local_addr();
 
     // A client that keeps sending messages.
@@ -811,7 +810,7 @@ fn active_clients_are_not_closed_for_idleness() {
     let deadline = Instant::now() + Duration::from_millis(1500);
     let mut pings_seen = 0;
     while Instant::now() < deadline {
-        assert_eq!(request(&mut talker, r#"{"type":"ping"}"#)["type"], "pong", "talker was closed");
+        assert_pong_for(&mut talker, "talker was closed");
         loop {
             match listener.read() {
                 Ok(Message::Ping(_)) => pings_seen += 1,
@@ -826,7 +825,7 @@ fn active_clients_are_not_closed_for_idleness() {
     }
     assert!(pings_seen > 0, "the relay never pinged the silent-but-responsive client");
     set_timeout(&listener, Duration::from_secs(10));
-    assert_eq!(request(&mut listener, r#"{"type":"ping"}"#)["type"], "pong");
+    assert_pong(&mut listener);
     assert_eq!(metric(addr, "docrelay_active_connections"), 2);
 }
 
@@ -834,7 +833,7 @@ fn active_clients_are_not_closed_for_idleness() {
 
 #[test]
 fn large_message_round_trip() {
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
     let big = padded_ping(500 * 1024);
 
@@ -868,7 +867,7 @@ fn large_message_round_trip() {
 
 #[test]
 fn pipelined_messages_are_answered_in_order() {
-    let relay = start(config());
+    let relay = relay(config());
     let mut raw = Raw::open(relay.local_addr(), "pipeline");
     let n = 1000;
     let is_unknown = |i: usize| i % 7 == 3;
@@ -910,20 +909,20 @@ fn pipelined_messages_are_answered_in_order() {
 
 #[test]
 fn sessions_are_unregistered_when_clients_leave() {
-    let relay = start(quick_close_config());
+    let relay = relay(quick_close_config());
     let addr = relay.local_addr();
     let cores = relay.cpus().len();
 
     let mut clients: Vec<Client> = (0..6).map(|i| connect(addr, &format!("/ws/documents/bookkeeping-{i}"))).collect();
     for ws in &mut clients {
-        assert_eq!(request(ws, r#"{"type":"ping"}"#)["type"], "pong");
+        assert_pong(ws);
     }
     let mut raws: Vec<Raw> = (0..4).map(|i| Raw::open(addr, &format!("bookkeeping-raw-{i}"))).collect();
     for r in &mut raws {
         r.assert_alive("raw client");
     }
     assert_eq!(metric(addr, "docrelay_active_connections"), 10);
-    assert_eq!(sessions_total(addr, cores), 10);
+    assert_eq!(metric_sum(addr, "docrelay_sessions", cores), 10);
 
     // Ways to leave: close handshake, TCP close without a Close frame, a
     // protocol error, a message too big... each must end the session.
@@ -944,7 +943,7 @@ fn sessions_are_unregistered_when_clients_leave() {
     raws[3].s.shutdown(Shutdown::Both).unwrap();
 
     eventually("connections_active back to 0", || metric(addr, "docrelay_active_connections") == 0);
-    eventually("sessions on every core back to 0", || sessions_total(addr, cores) == 0);
+    eventually("sessions on every core back to 0", || metric_sum(addr, "docrelay_sessions", cores) == 0);
     assert_eq!(metric(addr, "docrelay_connections_total"), 10);
     drop(raws);
 }

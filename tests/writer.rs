@@ -8,11 +8,10 @@ use std::io::Write;
 
 #[test]
 fn pipelined_requests_are_answered_in_order_with_coalesced_writes() {
-    let relay = start(config());
+    let relay = relay(config());
     let addr = relay.local_addr();
     let (mut s, mut pending) = raw_upgrade(addr, "/ws/documents/coalesce");
-    let syscalls_before: u64 =
-        (0..relay.cpus().len()).map(|c| metric(addr, &format!("docrelay_write_syscalls_total{{core=\"{c}\"}}"))).sum();
+    let syscalls_before = metric_sum(addr, "docrelay_write_syscalls_total", relay.cpus().len());
     // 1000 messages in one write: the relay reads them in a few reads and
     // queues 1000 replies; the writer must not make 1000 system calls.
     let mut burst = Vec::new();
@@ -24,8 +23,7 @@ fn pipelined_requests_are_answered_in_order_with_coalesced_writes() {
         let (op, payload) = read_frame(&mut s, &mut pending).unwrap_or_else(|| panic!("reply {i} missing"));
         assert_eq!((op, payload.as_slice()), (0x1, br#"{"type":"pong"}"#.as_slice()), "reply {i}");
     }
-    let syscalls_after: u64 =
-        (0..relay.cpus().len()).map(|c| metric(addr, &format!("docrelay_write_syscalls_total{{core=\"{c}\"}}"))).sum();
+    let syscalls_after = metric_sum(addr, "docrelay_write_syscalls_total", relay.cpus().len());
     let used = syscalls_after - syscalls_before;
     eprintln!("1000 replies in {used} write system calls");
     // The metrics requests themselves write one response each (not counted:

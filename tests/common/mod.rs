@@ -1,9 +1,12 @@
-//! Shared helpers for the end-to-end tests: a relay on an ephemeral port,
-//! WebSocket clients (tungstenite), raw sockets, and /metrics scraping.
+//! Shared helpers for the end-to-end tests: a relay on an ephemeral port
+//! behind a guard that checks every session ended, WebSocket clients
+//! (tungstenite), raw sockets, /metrics scraping and temporary directories.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use docrelay::{Config, RelayHandle, RelayOptions};
@@ -18,14 +21,62 @@ pub fn config() -> Config {
     Config { listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() }
 }
 
-/// Starts a relay; it stops when the handle is dropped.
-pub fn start(config: Config) -> RelayHandle {
-    docrelay::start(config, RelayOptions::default()).expect("relay starts")
+// ---------------------------------------------------------------------------
+// The relay
+
+/// The relay of one test; derefs to its [`RelayHandle`].
+///
+/// Dropping it checks that the relay has seen every connection of the test go
+/// (the test's clients, declared after the relay, are dropped before it): it
+/// waits, bounded, until `docrelay_active_connections` and the
+/// `docrelay_sessions` of every core are 0, and fails the test if they are
+/// not. Then it shuts the relay down normally. While the test is already
+/// failing it only shuts the relay down (which is bounded by
+/// `limits.shutdown_grace_ms`).
+pub struct Relay(Option<RelayHandle>);
+
+impl Relay {
+    /// The handle itself, for a test that shuts the relay down on its own
+    /// (while its sessions are still open); the guard checks nothing then.
+    pub fn into_handle(mut self) -> RelayHandle {
+        self.0.take().expect("relay running")
+    }
 }
 
-pub fn start_with(config: Config, options: RelayOptions) -> RelayHandle {
-    docrelay::start(config, options).expect("relay starts")
+impl std::ops::Deref for Relay {
+    type Target = RelayHandle;
+    fn deref(&self) -> &RelayHandle {
+        self.0.as_ref().expect("relay running")
+    }
 }
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let Some(handle) = self.0.take() else { return };
+        if !std::thread::panicking() {
+            let (addr, cores) = (handle.local_addr(), handle.cpus().len());
+            // A panic here drops `handle` on the way out: the relay still
+            // shuts down.
+            eventually("every connection and session of the test ended before the relay's shutdown", || {
+                metric(addr, "docrelay_active_connections") == 0 && metric_sum(addr, "docrelay_sessions", cores) == 0
+            });
+        }
+        drop(handle);
+    }
+}
+
+/// Starts a relay with the default options.
+pub fn relay(config: Config) -> Relay {
+    relay_with(config, RelayOptions::default())
+}
+
+/// Starts a relay with `options` (a validator, a manual clock).
+pub fn relay_with(config: Config, options: RelayOptions) -> Relay {
+    Relay(Some(docrelay::start(config, options).expect("relay starts")))
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket clients
 
 /// Opens a WebSocket session on `/ws/documents/{doc}` (with an optional query).
 pub fn connect(addr: SocketAddr, path_and_query: &str) -> Client {
@@ -60,6 +111,33 @@ pub fn request(ws: &mut Client, json: &str) -> serde_json::Value {
     serde_json::from_str(&next_text(ws)).expect("reply is JSON")
 }
 
+/// Sends `{"type":"ping"}` and asserts that the very next data message is
+/// the relay's `{"type":"pong"}` in a Text frame: the session is open and
+/// has nothing else queued for the client.
+#[track_caller]
+pub fn assert_pong(ws: &mut Client) {
+    assert_pong_for(ws, "");
+}
+
+/// [`assert_pong`], naming the client (or the moment) in a failure.
+#[track_caller]
+pub fn assert_pong_for(ws: &mut Client, what: &str) {
+    ws.send(Message::text(r#"{"type":"ping"}"#)).unwrap_or_else(|e| panic!("{what}: sending ping: {e}"));
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(t.as_str()).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {t}"));
+                assert_eq!(v, serde_json::json!({"type": "pong"}), "{what}: expected the pong first");
+                return;
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(other) => panic!("{what}: expected the pong (a Text frame), got {other:?}"),
+            Err(e) => panic!("{what}: no pong: {e}"),
+        }
+    }
+}
+
 /// Reads until the relay's Close frame and returns its code and reason.
 pub fn expect_close(ws: &mut Client) -> (u16, String) {
     loop {
@@ -71,6 +149,19 @@ pub fn expect_close(ws: &mut Client) -> (u16, String) {
         }
     }
 }
+
+/// After the relay's Close (answered by tungstenite), the relay ends the
+/// connection and nothing else arrives.
+pub fn assert_ends_after_close(ws: &mut Client) {
+    match ws.read() {
+        Err(tungstenite::Error::ConnectionClosed) => {}
+        Ok(m) => panic!("nothing may follow the Close, got {m:?}"),
+        Err(e) => panic!("unexpected error after the Close: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw sockets
 
 /// A raw HTTP request; returns the whole response until the relay closes.
 pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
@@ -141,6 +232,15 @@ pub fn read_frame(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<(u8, Vec<u
     }
 }
 
+/// [`assert_pong`] on a raw socket: sends `{"type":"ping"}` in a Text frame
+/// and asserts that the next frame is the Text `{"type":"pong"}`.
+#[track_caller]
+pub fn raw_assert_pong(s: &mut TcpStream, pending: &mut Vec<u8>) {
+    s.write_all(&client_frame(true, 0x1, br#"{"type":"ping"}"#)).unwrap();
+    let (op, payload) = read_frame(s, pending).expect("a pong");
+    assert_eq!((op, String::from_utf8_lossy(&payload).as_ref()), (0x1, r#"{"type":"pong"}"#));
+}
+
 /// Reads frames until a Close and returns its code (None if the connection
 /// ended without one).
 pub fn raw_expect_close(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<u16> {
@@ -152,10 +252,20 @@ pub fn raw_expect_close(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<u16>
     None
 }
 
-/// Scrapes /metrics and returns the value of one sample line, e.g.
+// ---------------------------------------------------------------------------
+// /metrics
+
+/// The whole `GET /metrics` response (head and exposition text).
+pub fn scrape_metrics(addr: SocketAddr) -> String {
+    let response = raw_http(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 200"), "GET /metrics:\n{response}");
+    response
+}
+
+/// The value of one sample line of /metrics, e.g.
 /// `docrelay_sessions{core="0"}` or `docrelay_active_connections`.
 pub fn metric(addr: SocketAddr, sample: &str) -> u64 {
-    let body = raw_http(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    let body = scrape_metrics(addr);
     body.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
         .unwrap_or_else(|| panic!("no sample {sample} in:\n{body}"))
@@ -164,8 +274,33 @@ pub fn metric(addr: SocketAddr, sample: &str) -> u64 {
         .unwrap()
 }
 
+/// One core's sample of a per-core family, e.g. `docrelay_documents` on core 1.
+pub fn core_metric(addr: SocketAddr, family: &str, core: usize) -> u64 {
+    metric(addr, &format!("{family}{{core=\"{core}\"}}"))
+}
+
+/// A per-core family summed over the relay's `cores` cores.
+pub fn metric_sum(addr: SocketAddr, family: &str, cores: usize) -> u64 {
+    (0..cores).map(|c| core_metric(addr, family, c)).sum()
+}
+
+/// The core labels /metrics reports (those of `docrelay_sessions`), sorted,
+/// e.g. `["0", "1"]`.
+pub fn metric_cores(addr: SocketAddr) -> Vec<String> {
+    let body = scrape_metrics(addr);
+    let mut cores: Vec<String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("docrelay_sessions{core=\""))
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_string)
+        .collect();
+    cores.sort();
+    cores
+}
+
 /// Polls `f` until it returns true (up to 10 s): for state that settles
 /// asynchronously on the relay's cores (counters after a close).
+#[track_caller]
 pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
@@ -175,4 +310,39 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("timed out waiting for: {what}");
+}
+
+// ---------------------------------------------------------------------------
+// Files
+
+/// A temporary directory of one test, removed (with its files) when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new, empty directory whose name contains `name`.
+    pub fn new(name: &str) -> TempDir {
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let nth = MADE.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!("docrelay-test-{name}-{}-{nth}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `text` to the file `name` in the directory; returns its path.
+    pub fn file(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
