@@ -52,7 +52,8 @@ pub(crate) struct CoreSetup {
     pub(crate) peers: Vec<flume::Sender<CoreMsg>>,
     pub(crate) rx: flume::Receiver<CoreMsg>,
     pub(crate) validator: Option<Arc<dyn ConnectionValidator>>,
-    pub(crate) ready: std::sync::mpsc::Sender<(usize, Result<(), std::io::Error>)>,
+    /// Told this core's index once it accepts.
+    pub(crate) ready: std::sync::mpsc::Sender<usize>,
 }
 
 /// The connection path of one core, beside its shard.
@@ -98,7 +99,7 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     let collector = CancelOnDrop(glommio::spawn_local(core.verdicts.clone().run()).detach());
     let ticker = CancelOnDrop(glommio::spawn_local(shard.clone().ticker()).detach());
     let acceptor = glommio::spawn_local(accept_loop(core.clone(), listener)).detach();
-    let _ = setup.ready.send((index, Ok(())));
+    let _ = setup.ready.send(index);
 
     while let Ok(msg) = setup.rx.recv_async().await {
         match msg {

@@ -158,7 +158,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     let config = Arc::new(config);
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..cores).map(|_| flume::bounded::<CoreMsg>(config.limits.handoff_queue)).unzip();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), std::io::Error>)>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
 
     let mut threads = Vec::with_capacity(cores);
     let mut handle_err = None;
@@ -197,35 +197,25 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     if let Some(e) = handle_err {
         return Err(e);
     }
-    // Wait until every core listens (or one fails).
-    let mut ready = 0;
-    while ready < cores {
-        match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok((_, Ok(()))) => ready += 1,
-            Ok((index, Err(e))) => {
-                let err = if e.kind() == std::io::ErrorKind::AddrInUse {
-                    StartError::AddressInUse { addr }
-                } else {
-                    StartError::Listen { addr, source: e }
-                };
-                let _ = index;
-                return Err(err);
-            }
-            Err(_) => {
-                // A core thread ended without reporting: the executor failed to start.
-                let message = handle
-                    .threads
-                    .drain(..)
-                    .filter_map(|t| t.join().err().map(|e| e.to_string()))
-                    .next()
-                    .unwrap_or_else(|| "executor did not start".into());
-                let message = if message.contains("Cannot allocate memory") || message.contains("ENOMEM") {
-                    format!("{message} (io_uring needs locked memory: raise `ulimit -l`)")
-                } else {
-                    message
-                };
-                return Err(StartError::Executor { cpu: cpus[ready.min(cpus.len() - 1)], message });
-            }
+    // Wait until every core listens. A core that does not report ended
+    // without starting (its executor failed): stop the others, and report
+    // the first failure with its CPU.
+    for _ in 0..cores {
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            handle.shutdown();
+            let failed = handle
+                .threads
+                .drain(..)
+                .zip(cpus.iter().copied())
+                .filter_map(|(t, cpu)| t.join().err().map(|e| (cpu, e.to_string())))
+                .next();
+            let (cpu, message) = failed.unwrap_or((cpus[0], "executor did not start in 30 s".into()));
+            let message = if message.contains("Cannot allocate memory") || message.contains("ENOMEM") {
+                format!("{message} (io_uring needs locked memory: raise `ulimit -l`)")
+            } else {
+                message
+            };
+            return Err(StartError::Executor { cpu, message });
         }
     }
     info!(cores = cores, cpus = ?cpus, max_connections = config.limits.max_connections.unwrap_or_default(), "listening on {addr}");
