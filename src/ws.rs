@@ -53,12 +53,18 @@ pub enum Flow {
     Stop,
 }
 
+/// The largest buffer of a completed split frame reused for the next one.
+const SPARE_BYTES: usize = 64 * 1024;
+
 /// Incremental reader for the frames of one connection.
 #[derive(Debug)]
 pub struct FrameReader {
     max_message: usize,
     /// Bytes of a frame that was not complete when the last read ended.
     partial: Vec<u8>,
+    /// The whole length of that frame, once its header is in `partial`
+    /// (0: not known yet), so the header is parsed once per split.
+    partial_total: usize,
     /// Unmasked payload of a fragmented message so far.
     message: Vec<u8>,
     /// Kind of the fragmented message in progress, if any.
@@ -69,13 +75,21 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(max_message: usize) -> FrameReader {
-        FrameReader { max_message, partial: Vec::new(), message: Vec::new(), in_message: None, utf8_valid: 0 }
+        FrameReader {
+            max_message,
+            partial: Vec::new(),
+            partial_total: 0,
+            message: Vec::new(),
+            in_message: None,
+            utf8_valid: 0,
+        }
     }
 
     /// Feeds bytes just read from the socket. `input` may be modified (frames
     /// are unmasked in place). Calls `on_event` for each complete event.
     pub fn feed(&mut self, input: &mut [u8], mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<Flow, WsError> {
         let mut input = input;
+        let mut spare = Vec::new();
         if !self.partial.is_empty() {
             // A frame was split across reads: complete it in our own buffer
             // with only the bytes it lacks, then parse the rest in place.
@@ -97,14 +111,26 @@ impl FrameReader {
             if self.parse(&mut frame, &mut on_event)?.is_none() {
                 return Ok(Flow::Stop);
             }
-            // Its buffer is dropped: a big frame must not pin memory while
-            // the connection idles.
+            frame.clear();
+            spare = frame;
         }
         match self.parse(input, &mut on_event)? {
             Some(used) => {
                 if used < input.len() {
+                    // A frame begun at the end of this read: keep its bytes,
+                    // in the buffer of the last split frame when there was
+                    // one (a steady stream of split frames allocates
+                    // nothing), with room for the whole frame.
+                    if spare.capacity() <= SPARE_BYTES {
+                        self.partial = spare;
+                    }
                     self.partial.extend_from_slice(&input[used..]);
+                    // `parse` noted the frame's length (0 when its header
+                    // is cut too): room for all of it.
+                    self.partial.reserve_exact(self.partial_total.saturating_sub(self.partial.len()));
                 }
+                // Otherwise the buffer is dropped: an idle connection holds
+                // none, and a big frame does not pin its memory.
                 Ok(Flow::Continue)
             }
             None => Ok(Flow::Stop),
@@ -114,8 +140,11 @@ impl FrameReader {
     /// How many more bytes the frame begun in `partial` needs to be whole
     /// (its header first, then its payload). Never more than that frame, so
     /// bytes of the next one are never copied.
-    fn missing(&self) -> Result<usize, WsError> {
+    fn missing(&mut self) -> Result<usize, WsError> {
         let have = self.partial.len();
+        if self.partial_total > 0 {
+            return Ok(self.partial_total - have);
+        }
         if have < 2 {
             return Ok(2 - have);
         }
@@ -137,7 +166,8 @@ impl FrameReader {
         };
         self.check_header(&header, len)?;
         // `len` is bounded by max_message in check_header.
-        Ok((header_len + len as usize).saturating_sub(have))
+        self.partial_total = header_len + len as usize;
+        Ok(self.partial_total.saturating_sub(have))
     }
 
     /// Parses whole frames from `buf`. Returns how many bytes were consumed
@@ -152,14 +182,20 @@ impl FrameReader {
             let mut cursor = Cursor::new(&buf[pos..]);
             let (header, len) = match FrameHeader::parse(&mut cursor) {
                 Ok(Some(h)) => h,
-                Ok(None) => return Ok(Some(pos)),
+                Ok(None) => {
+                    // Not even the header is complete: its length is not known.
+                    self.partial_total = 0;
+                    return Ok(Some(pos));
+                }
                 Err(_) => return Err(WsError::new(close::PROTOCOL, "reserved opcode")),
             };
             let header_len = cursor.position() as usize;
             self.check_header(&header, len)?;
             let len = len as usize; // bounded by max_message in check_header
             if buf.len() - pos - header_len < len {
-                // Incomplete; the size was already checked, so buffering is bounded.
+                // Incomplete; the size was already checked, so buffering is
+                // bounded. Its length is kept for the reads that complete it.
+                self.partial_total = header_len + len;
                 return Ok(Some(pos));
             }
             let start = pos + header_len;
