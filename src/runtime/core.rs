@@ -157,12 +157,20 @@ async fn drain_until(core: &Core, rx: &flume::Receiver<CoreMsg>, deadline: Insta
         Msg(Option<CoreMsg>),
         Deadline,
     }
+    // Every core holds a sender to itself, so the channel stays open; should
+    // it ever close, only the sessions are waited for.
+    let mut open = true;
     loop {
         let ended = async {
             core.shard.sessions_ended().await;
             Event::Ended
         };
-        let msg = async { Event::Msg(rx.recv_async().await.ok()) };
+        let msg = async {
+            if !open {
+                std::future::pending::<()>().await;
+            }
+            Event::Msg(rx.recv_async().await.ok())
+        };
         let timeout = async {
             sleep(deadline.saturating_duration_since(Instant::now())).await;
             Event::Deadline
@@ -171,18 +179,8 @@ async fn drain_until(core: &Core, rx: &flume::Receiver<CoreMsg>, deadline: Insta
             Event::Ended => return true,
             Event::Deadline => return false,
             Event::Msg(Some(CoreMsg::Adopt(h))) => core.adopt_handoff(h),
-            // Shutdown again, or every sender gone: only sessions remain.
-            Event::Msg(_) => {
-                let ended = async {
-                    core.shard.sessions_ended().await;
-                    true
-                };
-                let timeout = async {
-                    sleep(deadline.saturating_duration_since(Instant::now())).await;
-                    false
-                };
-                return ended.or(timeout).await;
-            }
+            Event::Msg(Some(CoreMsg::Shutdown)) => {} // already shutting down
+            Event::Msg(None) => open = false,
         }
     }
 }

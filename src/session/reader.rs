@@ -100,18 +100,12 @@ impl Session {
                 }
             })
             .await;
-            let more = poll_fn(|cx| {
-                let mut buf = shard.scratch.take();
-                let read = Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut buf[..]);
-                let outcome = match read {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(false),
-                    Poll::Ready(Ok(n)) => Poll::Ready(self.process(shard, &mut frames, &mut buf[..n])),
-                };
-                shard.scratch.give(buf);
-                outcome
-            })
-            .await;
+            let more = self
+                .read_scratch(shard, |bytes| match bytes {
+                    Some(bytes) => self.process(shard, &mut frames, bytes),
+                    None => false,
+                })
+                .await;
             if !more {
                 return self.linger_if_failed(shard).await;
             }
@@ -120,6 +114,25 @@ impl Session {
             // not starve the readers of its own operations.
             futures_lite::future::yield_now().await;
         }
+    }
+
+    /// One read into a buffer of the core's scratch pool, handed to `with`
+    /// (`None`: end of stream or an error); the buffer goes back to the pool
+    /// before the read resolves, whatever `with` did.
+    async fn read_scratch<T>(&self, shard: &Shard, with: impl FnOnce(Option<&mut [u8]>) -> T) -> T {
+        let mut with = Some(with);
+        poll_fn(|cx| {
+            let mut buf = shard.scratch.take();
+            let read = Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut buf[..]);
+            let outcome = match read {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(with.take().expect("resolved once")(Some(&mut buf[..n]))),
+                Poll::Ready(_) => Poll::Ready(with.take().expect("resolved once")(None)),
+            };
+            shard.scratch.give(buf);
+            outcome
+        })
+        .await
     }
 
     /// After the relay failed the connection: linger until the peer closes
@@ -134,18 +147,7 @@ impl Session {
     /// close timeout (the ticker).
     async fn drain_until_eof(&self, shard: &Shard) {
         loop {
-            let done = poll_fn(|cx| {
-                let mut buf = shard.scratch.take();
-                let read = Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut buf[..]);
-                let outcome = match read {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(ws::starts_frames_with_close(&buf[..n])),
-                    Poll::Ready(_) => Poll::Ready(true),
-                };
-                shard.scratch.give(buf);
-                outcome
-            })
-            .await;
+            let done = self.read_scratch(shard, |bytes| bytes.is_none_or(|b| ws::starts_frames_with_close(b))).await;
             if done {
                 return;
             }

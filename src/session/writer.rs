@@ -10,8 +10,8 @@ use std::task::Poll;
 use futures_lite::AsyncWrite;
 use tracing::debug;
 
-use super::{Session, Shard, Subscription};
-use crate::document::Read;
+use super::{Outbox, Session, Shard, Subscription};
+use crate::document::{Read, Ring};
 use crate::protocol::encode;
 
 /// Bytes of broadcasts moved into the write queue at a time: a slow client
@@ -20,6 +20,32 @@ const REFILL_BYTES: usize = 64 * 1024;
 
 /// Most frames handed to one `sendmsg`.
 const MAX_IOVECS: usize = 64;
+
+/// Moves a ring's entries from `cursor` on into `out`, skipping those that
+/// `me` published, until the ring is read or `out` holds [`REFILL_BYTES`];
+/// `on_lag` is told of a gap. Returns how many entries were queued.
+fn take_from(
+    ring: &Ring,
+    cursor: &mut u64,
+    me: u64,
+    out: &mut Outbox,
+    mut on_lag: impl FnMut(&mut Outbox, u64, u64),
+) -> u64 {
+    let mut queued = 0;
+    while out.bytes < REFILL_BYTES {
+        match ring.read(cursor) {
+            (Read::Entry(_), Some(e)) => {
+                if e.origin != me {
+                    out.push(e.frame);
+                    queued += 1;
+                }
+            }
+            (Read::Lagged { from, to }, _) => on_lag(out, from, to),
+            _ => break,
+        }
+    }
+    queued
+}
 
 impl Session {
     /// One non-blocking `sendmsg` over the queued frames. `Ok(None)`: the
@@ -97,34 +123,14 @@ impl Session {
         let Some(sub) = sub.as_mut() else { return };
         let me = self.info.id;
         let mut out = self.out.borrow_mut();
-        let (mut delivered, mut lagged) = (0, 0);
-        while out.bytes < REFILL_BYTES {
-            match sub.hub.ops.read(&mut sub.ops_cursor) {
-                (Read::Entry(_), Some(e)) => {
-                    if e.origin != me {
-                        out.push(e.frame);
-                        delivered += 1;
-                    }
-                }
-                (Read::Lagged { from, to }, _) => {
-                    out.push(encode::lagged(from, to));
-                    lagged += 1;
-                }
-                _ => break,
-            }
-        }
-        while out.bytes < REFILL_BYTES {
-            match sub.hub.presence.read(&mut sub.presence_cursor) {
-                (Read::Entry(_), Some(e)) => {
-                    if e.origin != me {
-                        out.push(e.frame);
-                        delivered += 1;
-                    }
-                }
-                (Read::Lagged { .. }, _) => {} // overtaken presence is dropped
-                _ => break,
-            }
-        }
+        let mut lagged = 0;
+        // Operations: a gap becomes a `lagged` notice at that point.
+        let mut delivered = take_from(&sub.hub.ops, &mut sub.ops_cursor, me, &mut out, |out, from, to| {
+            out.push(encode::lagged(from, to));
+            lagged += 1;
+        });
+        // Presence: overtaken updates are dropped.
+        delivered += take_from(&sub.hub.presence, &mut sub.presence_cursor, me, &mut out, |_, _, _| {});
         // One counter update per refill, not per frame (the writer runs next;
         // it is the one that called refill, so no wake-up is needed).
         let stats = shard.stats();
