@@ -179,6 +179,11 @@ impl FrameReader {
     ) -> Result<Option<usize>, WsError> {
         let mut pos = 0;
         loop {
+            if pos == buf.len() {
+                // Everything consumed: no frame begun.
+                self.partial_total = 0;
+                return Ok(Some(pos));
+            }
             let mut cursor = Cursor::new(&buf[pos..]);
             let (header, len) = match FrameHeader::parse(&mut cursor) {
                 Ok(Some(h)) => h,
