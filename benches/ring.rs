@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use docrelay::document::{DocumentHub, Read, Subscriber};
+use docrelay::document::{Capacity, DocumentHub, Read, Subscriber};
 use docrelay::protocol::Participant;
 use docrelay::ws::{Kind, OutFrame};
 
@@ -19,7 +19,7 @@ fn ring_publish(c: &mut Criterion) {
     for subs in [100usize, 1000] {
         g.throughput(Throughput::Elements(subs as u64));
         g.bench_with_input(BenchmarkId::from_parameter(subs), &subs, |b, &subs| {
-            let hub = DocumentHub::new("bench", 1024, 256, 10_000);
+            let hub = DocumentHub::new("bench", Capacity { ring: 1024, presence: 256, history: 10_000 });
             for i in 0..subs {
                 let p = Participant {
                     connection_id: i as u64,

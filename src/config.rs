@@ -82,13 +82,21 @@ allowed_origins = []
 max_connections_per_ip = 0
 
 [storage]
-# Directory for durable history; empty = history in memory only. Durable
-# storage is not in this version yet: a non-empty dir is refused at start, so
-# that nobody runs without the durability they asked for.
+# Directory of the write-ahead log (docs/storage.md); empty = history in memory
+# only, lost on restart or when a document is unloaded. Created if missing;
+# one relay per directory (it holds dir/LOCK).
 dir = ""
-# "always" | "batch" | "never" (used once durable storage exists).
+# When an operation counts as stored, and is acknowledged and broadcast:
+# "always" = after its own write and fdatasync (operations arriving during a
+# sync share the next one); "batch" = after a group commit that waits up to
+# batch_ms to gather records under one fdatasync; "never" = at once, written
+# within batch_ms without fdatasync (README, "Durability": what a crash loses).
 fsync = "batch"
+# Longest a record waits for its group commit (0..=1000).
 batch_ms = 2
+# A log segment is closed and a new one started at about this size; segments
+# without live records are deleted (65536..=4294967296).
+segment_bytes = 67108864
 
 [testing]
 # A route such as "/ws/echo" that echoes every message, for the Autobahn
@@ -313,6 +321,7 @@ pub struct Storage {
     pub dir: String,
     pub fsync: Fsync,
     pub batch_ms: u64,
+    pub segment_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -373,7 +382,7 @@ impl Default for Auth {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { dir: String::new(), fsync: Fsync::Batch, batch_ms: 2 }
+        Storage { dir: String::new(), fsync: Fsync::Batch, batch_ms: 2, segment_bytes: 64 << 20 }
     }
 }
 
@@ -443,13 +452,12 @@ impl Config {
         {
             return invalid("auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file");
         }
-        if !self.storage.dir.is_empty() {
-            return Err(ConfigError::Invalid(format!(
-                "storage.dir = \"{}\": durable storage is not implemented in this version, and the relay \
-                 will not run without the durability it was asked for. Remove storage.dir to keep history \
-                 in memory only (lost on restart)",
-                self.storage.dir
-            )));
+        let st = &self.storage;
+        if st.batch_ms > 1000 {
+            return invalid("storage.batch_ms must be between 0 and 1000");
+        }
+        if !(65536..=1 << 32).contains(&st.segment_bytes) {
+            return invalid("storage.segment_bytes must be between 65536 and 4294967296");
         }
         let echo = &self.testing.echo_path;
         if !echo.is_empty()
@@ -510,11 +518,13 @@ mod tests {
     }
 
     #[test]
-    fn storage_dir_is_refused_until_storage_exists() {
+    fn storage_bounds_are_checked() {
         let mut c = Config::default();
         c.storage.dir = "/var/lib/docrelay".into();
+        assert!(c.validate().is_ok());
+        c.storage.segment_bytes = 1000;
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("storage.dir") && err.contains("not implemented"), "{err}");
+        assert!(err.contains("storage.segment_bytes"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::Instant;
 use serde_json::value::RawValue;
 
 use crate::protocol::Participant;
+use crate::store::{Epoch, Ticket};
 use crate::ws::SharedFrame;
 
 /// One broadcast in a ring: who sent it (they do not receive it) and its frame.
@@ -115,6 +116,15 @@ pub struct Snapshot {
 /// One document on its owner core.
 pub struct DocumentHub {
     pub id: Box<str>,
+    /// The identity of this history (`docs/protocol.md`, "Epochs").
+    pub epoch: Epoch,
+    /// The same, as sent on the wire.
+    pub epoch_text: Box<str>,
+    /// Seq given to the newest accepted operation; above `seq()` while its
+    /// record is being stored (it is published once stored).
+    assigned: Cell<u64>,
+    /// Ticket of the last record appended to the store for this document.
+    pub last_ticket: Cell<Ticket>,
     /// Operations; positions are the operations' `seq`, starting at 1.
     pub ops: Ring,
     /// Cursor updates and join/leave.
@@ -155,18 +165,67 @@ impl std::fmt::Debug for DocumentHub {
     }
 }
 
+/// A document's history as a store gave it back: where the hub resumes.
+#[derive(Debug)]
+pub struct Restored {
+    pub epoch: Epoch,
+    /// Seq of the last stored operation.
+    pub seq: u64,
+    /// The stored operations ending at `seq`, oldest first.
+    pub ops: Vec<SharedFrame>,
+    pub snapshot: Option<Snapshot>,
+}
+
+/// Sizes of a hub's rings and history.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub ring: usize,
+    pub presence: usize,
+    pub history: usize,
+}
+
 impl DocumentHub {
-    pub fn new(id: &str, ring_capacity: usize, presence_capacity: usize, history_ops: usize) -> DocumentHub {
+    /// A document whose history starts now, with a new epoch.
+    pub fn new(id: &str, cap: Capacity) -> DocumentHub {
+        DocumentHub::restore(id, cap, Restored { epoch: Epoch::random(), seq: 0, ops: Vec::new(), snapshot: None })
+    }
+
+    /// A document resuming a stored history: the next operation gets
+    /// `seq + 1`; sync serves the stored operations and snapshot.
+    pub fn restore(id: &str, cap: Capacity, from: Restored) -> DocumentHub {
+        let keep = from.ops.len().min(cap.history);
+        let history: VecDeque<SharedFrame> = from.ops.into_iter().rev().take(keep).rev().collect();
         DocumentHub {
             id: id.into(),
-            ops: Ring::new(ring_capacity, 1),
-            presence: Ring::new(presence_capacity, 0),
-            history: RefCell::new(VecDeque::new()),
-            history_cap: history_ops,
-            snapshot: RefCell::new(None),
+            epoch: from.epoch,
+            epoch_text: from.epoch.to_string().into(),
+            assigned: Cell::new(from.seq),
+            last_ticket: Cell::new(0),
+            ops: Ring::new(cap.ring, from.seq + 1),
+            presence: Ring::new(cap.presence, 0),
+            history: RefCell::new(history),
+            history_cap: cap.history,
+            snapshot: RefCell::new(from.snapshot),
             subscribers: RefCell::new(Vec::new()),
             empty_since: Cell::new(Some(Instant::now())),
         }
+    }
+
+    /// Gives the next operation its seq (published later, once stored).
+    pub fn assign_seq(&self) -> u64 {
+        let seq = self.assigned.get() + 1;
+        self.assigned.set(seq);
+        seq
+    }
+
+    /// Forgets every assigned seq not yet published (their records failed).
+    pub fn unassign(&self) {
+        self.assigned.set(self.seq());
+    }
+
+    /// Whether operations are assigned and not yet published.
+    pub fn storing(&self) -> bool {
+        self.assigned.get() > self.seq()
     }
 
     /// The seq of the last accepted operation (0 for a new document).
@@ -236,6 +295,11 @@ impl DocumentHub {
         h.iter().skip(skip).cloned().collect()
     }
 
+    /// Whether a snapshot at `seq` would replace the one held.
+    pub fn newer_snapshot(&self, seq: u64) -> bool {
+        self.snapshot.borrow().as_ref().is_none_or(|s| seq > s.seq)
+    }
+
     /// Stores a snapshot unless an equal or newer one is held. The caller has
     /// checked `seq <= self.seq()`.
     pub fn store_snapshot(&self, seq: u64, state: Box<RawValue>) {
@@ -295,7 +359,7 @@ mod tests {
 
     #[test]
     fn sync_answers() {
-        let hub = DocumentHub::new("d", 8, 4, 3);
+        let hub = DocumentHub::new("d", Capacity { ring: 8, presence: 4, history: 3 });
         for seq in 1..=5 {
             hub.publish_op(seq, 0, frame(seq));
         }
@@ -316,9 +380,25 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_hub_resumes_after_its_stored_seq() {
+        let cap = Capacity { ring: 8, presence: 4, history: 2 };
+        let ops = (5..=7).map(frame).collect();
+        let hub = DocumentHub::restore("d", cap, Restored { epoch: Epoch(3), seq: 7, ops, snapshot: None });
+        assert_eq!((hub.seq(), hub.epoch_text.as_ref()), (7, "0000000000000003"));
+        assert!(matches!(hub.sync(5), Sync::History { ops } if ops.len() == 2));
+        assert!(matches!(hub.sync(4), Sync::Unavailable));
+        assert_eq!(hub.assign_seq(), 8);
+        assert!(hub.storing());
+        hub.unassign();
+        assert_eq!(hub.assign_seq(), 8);
+        hub.publish_op(8, 0, frame(8));
+        assert!(!hub.storing());
+    }
+
+    #[test]
     #[should_panic(expected = "grow by exactly 1")]
     fn seq_continuity_is_asserted() {
-        let hub = DocumentHub::new("d", 8, 4, 3);
+        let hub = DocumentHub::new("d", Capacity { ring: 8, presence: 4, history: 3 });
         hub.publish_op(2, 0, frame(2));
     }
 }

@@ -29,8 +29,12 @@ pub mod placement;
 pub mod ws;
 // Client and relay messages.
 pub mod protocol;
-// Per-document and per-relay state.
+// Per-document and per-relay state: authentication, then where history is
+// kept (memory or the local log), then the documents that use it.
 pub mod auth;
+// History stores.
+pub mod store;
+// Documents, then the connection registry.
 pub mod document;
 pub mod registry;
 // Connection validation.

@@ -405,15 +405,27 @@ fn missing_config_file_is_a_clear_error() {
     assert!(stderr.contains("does-not-exist.toml"), "the error names the file:\n{stderr}");
 }
 
-/// Durable storage is not implemented: a relay asked for it refuses to start
-/// rather than run without the durability it was configured for.
+/// A storage directory that cannot be used stops the start with an error
+/// naming it; a second relay on a directory in use is refused (it would
+/// corrupt the first one's log).
 #[test]
-fn storage_dir_is_refused_at_start() {
+fn unusable_or_shared_storage_dir_is_refused_at_start() {
     let dir = TempDir::new("storage");
-    let path = dir.file("relay.toml", "listen = \"127.0.0.1:0\"\ncores = [0]\n[storage]\ndir = \"/tmp/x\"\n");
+    let not_a_dir = dir.file("plain-file", "x");
+    let path =
+        dir.file("bad.toml", &format!("listen = \"127.0.0.1:0\"\ncores = [0]\n[storage]\ndir = \"{not_a_dir}\"\n"));
     let stderr = expect_start_failure(Proc::spawn(&["serve", "--config", &path]));
-    assert!(stderr.contains("storage.dir"), "the error names storage.dir:\n{stderr}");
+    assert!(stderr.contains("storage.dir") && stderr.contains("plain-file"), "the error names the dir:\n{stderr}");
     assert!(!stderr.contains("listening on"), "{stderr}");
+
+    let log = dir.path().join("log");
+    let path = dir
+        .file("ok.toml", &format!("listen = \"127.0.0.1:0\"\ncores = [0]\n[storage]\ndir = \"{}\"\n", log.display()));
+    let first = Proc::spawn(&["serve", "--config", &path]);
+    first.listening();
+    let stderr = expect_start_failure(Proc::spawn(&["serve", "--config", &path]));
+    assert!(stderr.contains("in use by another docrelay process"), "{stderr}");
+    stop(first);
 }
 
 // ---------------------------------------------------------------------------

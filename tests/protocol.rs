@@ -75,9 +75,17 @@ fn recv(ws: &mut Client) -> (bool, Value) {
 }
 
 /// The next message, which must be a direct reply (a Text frame).
+/// `joined_document` and `sync_response` carry the document's epoch (16 hex
+/// digits); it is checked and taken out here, so the tests of this file
+/// compare the rest exactly (tests/storage.rs tests epochs).
 fn reply(ws: &mut Client) -> Value {
-    let (binary, v) = recv(ws);
+    let (binary, mut v) = recv(ws);
     assert!(!binary, "a direct reply came in a Binary frame: {v}");
+    if matches!(v["type"].as_str(), Some("joined_document" | "sync_response")) {
+        let epoch = v.as_object_mut().unwrap().remove("epoch");
+        let epoch = epoch.as_ref().and_then(Value::as_str).unwrap_or_else(|| panic!("no epoch in {v}"));
+        assert!(epoch.len() == 16 && epoch.bytes().all(|b| b.is_ascii_hexdigit()), "{epoch}");
+    }
     v
 }
 

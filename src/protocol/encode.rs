@@ -9,6 +9,7 @@ use std::io::Write as _;
 use std::rc::Rc;
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::ErrorCode;
 use crate::ws::{Kind, OutFrame, SharedFrame};
@@ -30,13 +31,39 @@ fn json_payload(capacity: usize, value: &impl Serialize) -> Vec<u8> {
 
 /// `{"type":"error","code":...,"message":...}`.
 pub fn error(code: ErrorCode, message: &str) -> Vec<u8> {
+    error_with(code, message, None, None)
+}
+
+/// `error` in reply to an `operation`: it carries the operation's
+/// `client_op_id` (raw JSON, as the client sent it), if it had one.
+pub fn op_error(code: ErrorCode, message: &str, client_op_id: Option<&str>) -> Vec<u8> {
+    error_with(code, message, client_op_id, None)
+}
+
+/// `error` `EPOCH_CHANGED`, with the document's current epoch.
+pub fn epoch_changed(epoch: &str) -> Vec<u8> {
+    error_with(
+        ErrorCode::EpochChanged,
+        "the document's history has a new epoch: reload it (sync_request since 0)",
+        None,
+        Some(epoch),
+    )
+}
+
+fn error_with(code: ErrorCode, message: &str, client_op_id: Option<&str>, epoch: Option<&str>) -> Vec<u8> {
     #[derive(Serialize)]
     struct ErrorReply<'a> {
         r#type: &'static str,
         code: &'static str,
         message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_op_id: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
     }
-    json_payload(64 + message.len(), &ErrorReply { r#type: "error", code: code.as_str(), message })
+    // The id was checked to be a JSON string or number when it was read.
+    let client_op_id = client_op_id.and_then(|id| serde_json::from_str::<&RawValue>(id).ok());
+    json_payload(64 + message.len(), &ErrorReply { r#type: "error", code: code.as_str(), message, client_op_id, epoch })
 }
 
 /// `{"type":"pong"}`.
@@ -93,16 +120,22 @@ impl<'a, I: Iterator<Item = &'a Participant>> Serialize for SeqOnce<I> {
 }
 
 /// `joined_document`, with the participants written as they are iterated.
-pub fn joined<'a>(document_id: &str, seq: u64, participants: impl Iterator<Item = &'a Participant>) -> Vec<u8> {
+pub fn joined<'a>(
+    document_id: &str,
+    seq: u64,
+    epoch: &str,
+    participants: impl Iterator<Item = &'a Participant>,
+) -> Vec<u8> {
     #[derive(Serialize)]
     struct Joined<'d, P: Serialize> {
         r#type: &'static str,
         document_id: &'d str,
         seq: u64,
+        epoch: &'d str,
         participants: P,
     }
     let participants = SeqOnce(Cell::new(Some(participants)));
-    json_payload(128, &Joined { r#type: "joined_document", document_id, seq, participants })
+    json_payload(128, &Joined { r#type: "joined_document", document_id, seq, epoch, participants })
 }
 
 /// `left_document`.
@@ -188,11 +221,17 @@ pub fn lagged(from: u64, to: u64) -> SharedFrame {
     Rc::new(OutFrame::finish(Kind::Text, buf))
 }
 
-/// `sync_response`: the document's `seq`, the snapshot as (seq, raw state)
-/// or `null`, and the operation broadcasts' JSON, in seq order.
-pub fn sync_response<'a>(seq: u64, snapshot: Option<(u64, &str)>, ops: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+/// `sync_response`: the document's `seq` and epoch, the snapshot as (seq,
+/// raw state) or `null`, and the operation broadcasts' JSON, in seq order.
+/// The epoch is 16 hex digits (nothing to escape).
+pub fn sync_response<'a>(
+    seq: u64,
+    epoch: &str,
+    snapshot: Option<(u64, &str)>,
+    ops: impl Iterator<Item = &'a [u8]>,
+) -> Vec<u8> {
     let mut buf = OutFrame::payload_buffer(256);
-    let _ = write!(buf, r#"{{"type":"sync_response","seq":{seq}"#);
+    let _ = write!(buf, r#"{{"type":"sync_response","seq":{seq},"epoch":"{epoch}""#);
     match snapshot {
         None => buf.extend_from_slice(br#","snapshot":null"#),
         Some((seq, state)) => {
@@ -233,8 +272,8 @@ mod tests {
         assert_eq!(parsed(&left("d1")), json!({"type":"left_document","document_id":"d1"}));
         let p = Participant { connection_id: 3, user_id: "u".into(), user_name: "U".into(), color: "#000000".into() };
         assert_eq!(
-            parsed(&joined("d1", 9, [&p].into_iter())),
-            json!({"type":"joined_document","document_id":"d1","seq":9,"participants":[{"connection_id":3,"user_id":"u","user_name":"U","color":"#000000"}]})
+            parsed(&joined("d1", 9, "00000000000000ab", [&p].into_iter())),
+            json!({"type":"joined_document","document_id":"d1","seq":9,"epoch":"00000000000000ab","participants":[{"connection_id":3,"user_id":"u","user_name":"U","color":"#000000"}]})
         );
         assert_eq!(
             serde_json::from_slice::<Value>(user_joined(&p).payload()).unwrap(),
@@ -242,8 +281,14 @@ mod tests {
         );
         let op = operation(7, 3, "\"u\"", br#"{"k": 1}"#);
         assert_eq!(op.payload(), br#"{"type":"operation","seq":7,"connection_id":3,"user_id":"u","payload":{"k": 1}}"#);
-        let sync = sync_response(7, Some((5, "{}")), [op.payload()].into_iter());
+        let sync = sync_response(7, "00000000000000ab", Some((5, "{}")), [op.payload()].into_iter());
         assert_eq!(parsed(&sync)["snapshot"], json!({"seq":5,"state":{}}));
+        assert_eq!(parsed(&sync)["epoch"], "00000000000000ab");
+        assert_eq!(
+            parsed(&op_error(ErrorCode::Unavailable, "full", Some("\"c-2\""))),
+            json!({"type":"error","code":"UNAVAILABLE","message":"full","client_op_id":"c-2"})
+        );
+        assert_eq!(parsed(&epoch_changed("0a"))["epoch"], "0a");
         assert_eq!(parsed(&sync)["ops"][0]["seq"], 7);
     }
 }

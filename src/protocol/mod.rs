@@ -26,6 +26,8 @@ pub enum ErrorCode {
     BadSnapshot,
     HistoryUnavailable,
     RateLimited,
+    EpochChanged,
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -40,6 +42,8 @@ impl ErrorCode {
             ErrorCode::BadSnapshot => "BAD_SNAPSHOT",
             ErrorCode::HistoryUnavailable => "HISTORY_UNAVAILABLE",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::EpochChanged => "EPOCH_CHANGED",
+            ErrorCode::Unavailable => "UNAVAILABLE",
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct Envelope<'a> {
     pub seq: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     pub state: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub epoch: Option<&'a RawValue>,
 }
 
 /// A field that is present, `null` included (plain `Option` would read a

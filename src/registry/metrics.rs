@@ -9,7 +9,7 @@ use crate::http;
 /// A per-core family: name, type, help, and the statistic.
 type PerCore = (&'static str, &'static str, &'static str, fn(&CoreStats) -> u64);
 
-const PER_CORE: [PerCore; 12] = [
+const PER_CORE: [PerCore; 13] = [
     ("docrelay_sessions", "gauge", "Connected sessions per core.", |c| c.sessions.get()),
     ("docrelay_documents", "gauge", "Documents loaded per core.", |c| c.documents.get()),
     ("docrelay_handoffs_total", "counter", "Connections adopted from another core.", |c| c.handoffs_in.get()),
@@ -22,6 +22,12 @@ const PER_CORE: [PerCore; 12] = [
     ("docrelay_frames_out_total", "counter", "WebSocket frames written.", |c| c.frames_out.get()),
     ("docrelay_write_syscalls_total", "counter", "Socket write system calls.", |c| c.write_syscalls.get()),
     ("docrelay_rate_limited_total", "counter", "Messages dropped by rate limits.", |c| c.rate_limited.get()),
+    (
+        "docrelay_storage_refusals_total",
+        "counter",
+        "Operations and snapshots refused with UNAVAILABLE (storage full or failing).",
+        |c| c.store_refusals.get(),
+    ),
 ];
 
 const REJECTIONS: [(&str, Rejection); 5] = [

@@ -73,6 +73,8 @@ pub struct CoreStats {
     pub operations: Counter,
     /// Operations and cursor updates dropped by rate limits.
     pub rate_limited: Counter,
+    /// Operations and snapshots refused because storage could not take them.
+    pub store_refusals: Counter,
 }
 
 /// Why a handshake or validation ended a connection before CONNECTED, for

@@ -89,7 +89,7 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     let listen_raw = listen_fd.as_raw_fd();
     // SAFETY: a bound, listening socket whose ownership moves to glommio.
     let listener = unsafe { TcpListener::from_raw_fd(listen_fd.into_raw_fd()) };
-    let shard = Rc::new(Shard::new(setup.shard));
+    let shard = Shard::new(setup.shard);
     let core = Rc::new(Core {
         verdicts: Rc::new(Verdicts::new(shard.config.limits.validation_queue)),
         shard: shard.clone(),
@@ -98,6 +98,8 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     });
     let collector = CancelOnDrop(glommio::spawn_local(core.verdicts.clone().run()).detach());
     let ticker = CancelOnDrop(glommio::spawn_local(shard.clone().ticker()).detach());
+    let commits = CancelOnDrop(glommio::spawn_local(shard.clone().commit_loop()).detach());
+    let flusher = shard.log.clone().map(|log| glommio::spawn_local(log.run()).detach());
     let acceptor = glommio::spawn_local(accept_loop(core.clone(), listener)).detach();
     let _ = setup.ready.send(index);
 
@@ -134,7 +136,12 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     // not finish): glommio leaks tasks still pending when the executor
     // returns, and their sockets with them. Each is awaited until dropped.
     shard.cancel_tasks().await;
-    for mut task in [collector, ticker] {
+    // Whatever was accepted is written before the core exits.
+    if let (Some(log), Some(flusher)) = (&shard.log, flusher) {
+        log.close();
+        flusher.await;
+    }
+    for mut task in [collector, ticker, commits] {
         task.0.cancel();
         (&mut task.0).await;
     }

@@ -63,3 +63,12 @@ pub fn connection_limit(configured: Option<usize>) -> usize {
         (None, None) => 1 << 20,
     }
 }
+
+/// With storage, a write past `ulimit -f` must fail with EFBIG (the log
+/// then refuses operations, as on a full disk) instead of killing the
+/// process with SIGXFSZ.
+pub(super) fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler
+    // code; it is async-signal-safe and affects only SIGXFSZ.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+}

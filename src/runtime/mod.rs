@@ -25,7 +25,8 @@ mod listen;
 use self::core::{core_main, CoreMsg, CoreSetup};
 pub use host::MIN_MEMLOCK_BYTES;
 
-/// Registered io_uring buffer memory per executor: the relay does no file DMA.
+/// Registered io_uring buffer memory per executor (locked memory, so kept
+/// small): the log's writes use it when they fit, larger ones the heap.
 const IO_MEMORY: usize = 64 * 1024;
 
 /// io_uring submission depth per ring. Linux sizes a ring's cancellation hash
@@ -58,6 +59,8 @@ pub enum StartError {
     InsecureDevAuth { addr: SocketAddr },
     #[error("cannot start the executor for CPU {cpu}: {message}")]
     Executor { cpu: usize, message: String },
+    #[error(transparent)]
+    Storage(#[from] crate::store::recover::RecoverError),
 }
 
 /// How a relay is started, beyond its configuration.
@@ -79,6 +82,8 @@ pub struct RelayHandle {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     registry: Arc<ConnectionManager>,
     cpus: Vec<usize>,
+    /// The storage directory's lock, held while the relay runs.
+    _storage_lock: Option<std::fs::File>,
 }
 
 impl RelayHandle {
@@ -152,6 +157,22 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
         std::collections::hash_map::RandomState::new().hash_one((std::time::SystemTime::now(), std::process::id(), nth))
     };
     let cores = cpus.len();
+    let (mut logs, storage_lock) = if config.storage.dir.is_empty() {
+        (Vec::new(), None)
+    } else {
+        host::ignore_file_size_signal();
+        let s = &config.storage;
+        let r = crate::store::recover::recover(
+            std::path::Path::new(&s.dir),
+            cores,
+            config.documents.history_ops,
+            s.segment_bytes,
+        )?;
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(r.next_segment));
+        (r.cores.into_iter().map(|ix| Some((ix, next.clone()))).collect(), Some(r.lock))
+    };
+    logs.resize_with(cores, || None);
+    let mut logs = logs.into_iter();
     let (addr, mut listeners) = listen::bind_listeners(config.listen, cores)?;
     listeners.reverse();
     let registry = Arc::new(ConnectionManager::new(cores));
@@ -171,6 +192,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
                 auth: auth.clone(),
                 clock: clock.clone(),
                 session_nonce,
+                log: logs.next().flatten(),
             },
             listener: listeners.pop().expect("one listener per core"),
             peers: senders.clone(),
@@ -193,7 +215,8 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     }
     drop(ready_tx);
 
-    let mut handle = RelayHandle { addr, control: senders, threads, registry, cpus: cpus.clone() };
+    let mut handle =
+        RelayHandle { addr, control: senders, threads, registry, cpus: cpus.clone(), _storage_lock: storage_lock };
     if let Some(e) = handle_err {
         return Err(e);
     }

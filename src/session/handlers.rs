@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 
+use std::rc::Rc;
+
 use super::rates::{Rate, Window};
+use super::shard::{Commit, Committed, JoinWaiter};
 use super::state::{Auth, User};
 use super::{Session, Shard, Subscription};
 use crate::auth::AuthError;
 use crate::close;
-use crate::document::Sync;
+use crate::document::{DocumentHub, Sync};
 use crate::protocol::{self, check_state, encode, field, ClientType, Envelope, ErrorCode, Participant};
+use crate::store::record::Kind;
 
 /// Handles one complete Text message (UTF-8 already checked).
 pub(super) fn handle_text(shard: &Shard, session: &Session, text: &str) {
@@ -51,8 +55,12 @@ fn handle(shard: &Shard, session: &Session, parsed: Result<(ClientType, Envelope
         }
         ClientType::Operation => operation(shard, session, &env),
         ClientType::Cursor => cursor(shard, session, &env),
-        ClientType::SyncRequest => field::<u64>(env.since, "since", true).map(|since| {
-            sync_response(shard, session, since.unwrap_or(0));
+        ClientType::SyncRequest => field::<u64>(env.since, "since", true).and_then(|since| {
+            let epoch: Option<String> = field(env.epoch, "epoch", false)?;
+            if let Some(hub) = joined_hub(session) {
+                sync_response(shard, session, &hub, since.unwrap_or(0), epoch.as_deref());
+            }
+            Ok(())
         }),
         ClientType::Snapshot => snapshot(shard, session, &env),
     };
@@ -120,9 +128,36 @@ fn session_id(nonce: u64, connection_id: u64) -> String {
 
 fn join(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
     let since: Option<u64> = field(env.since, "since", false)?;
+    let epoch: Option<String> = field(env.epoch, "epoch", false)?;
+    let waiter = || JoinWaiter {
+        session: shard.session(session.info.id).expect("a handled session is registered"),
+        since,
+        epoch: epoch.clone(),
+    };
+    match shard.open_document(&session.info.document, waiter) {
+        Some(hub) => finish_join(shard, session, hub, since, epoch.as_deref()),
+        // Loading from the store: the reader holds this session's next
+        // messages until `finish_join` ran.
+        None => session.join_pending(),
+    }
+    Ok(())
+}
+
+/// Joins a session to its loaded document: subscribe, `joined_document`,
+/// `user_joined` to the others, then the `sync_response` a `since` asked for.
+pub(super) fn finish_join(
+    shard: &Shard,
+    session: &Session,
+    hub: Rc<DocumentHub>,
+    since: Option<u64>,
+    epoch: Option<&str>,
+) {
+    if !session.is_open() || session.sub.borrow().is_some() {
+        return;
+    }
     let participant = {
         let auth = session.auth.borrow();
-        let Some(user) = auth.user() else { return Ok(()) }; // checked above
+        let Some(user) = auth.user() else { return }; // checked before
         Participant {
             connection_id: session.info.id,
             user_id: user.user_id.clone(),
@@ -131,17 +166,17 @@ fn join(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), Stri
         }
     };
     let user_joined = encode::user_joined(&participant);
-    let hub = shard.document(&session.info.document);
     *session.sub.borrow_mut() = Some(Subscription::new(hub.clone()));
     hub.subscribe(participant, session.writer_waker.clone());
-    let reply = hub.with_participants(|ps| encode::joined(&session.info.document, hub.seq(), ps));
+    let reply = hub.with_participants(|ps| encode::joined(&session.info.document, hub.seq(), &hub.epoch_text, ps));
     session.send_text(shard, reply);
     shard.stats().broadcasts.add(1);
     hub.publish_presence(session.info.id, user_joined);
-    if let Some(since) = since {
-        sync_response(shard, session, since);
-    }
-    Ok(())
+    match (since, epoch) {
+        (Some(since), _) => sync_response(shard, session, &hub, since, epoch),
+        (None, Some(e)) if e != &*hub.epoch_text => session.send_text(shard, encode::epoch_changed(&hub.epoch_text)),
+        (None, _) => true,
+    };
 }
 
 /// Leaves the session's document if joined: unsubscribes and broadcasts
@@ -174,18 +209,69 @@ fn operation(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(),
         return Ok(());
     }
     let Some(hub) = joined_hub(session) else { return Ok(()) };
-    let seq = hub.seq() + 1;
+    let seq = hub.assign_seq();
     let frame = {
         let auth = session.auth.borrow();
         let user_id_json = auth.user().map_or("\"\"", |u| &u.user_id_json);
         encode::operation(seq, session.info.id, user_id_json, payload.get().as_bytes())
     };
-    let stats = shard.stats();
-    stats.operations.add(1);
-    stats.broadcasts.add(1);
-    hub.publish_op(seq, session.info.id, frame);
-    session.send_text(shard, encode::ack(seq, client_op_id));
+    let ticket = match shard.store.append(&hub.id, hub.epoch, Kind::Op, seq, frame.payload()) {
+        Ok(t) => t,
+        Err(e) => {
+            hub.unassign();
+            shard.stats().store_refusals.add(1);
+            session.send_text(shard, encode::op_error(ErrorCode::Unavailable, &e.to_string(), client_op_id));
+            return Ok(());
+        }
+    };
+    hub.last_ticket.set(ticket);
+    shard.stats().operations.add(1);
+    let what = Committed::Op { seq, frame, client_op_id: client_op_id.map(Into::into) };
+    commit_or_defer(shard, session, hub, ticket, what);
     Ok(())
+}
+
+/// Publishes and acknowledges at once what the store already holds (memory,
+/// `fsync = "never"`), else queues it until its record is stored.
+fn commit_or_defer(shard: &Shard, session: &Session, hub: Rc<DocumentHub>, ticket: u64, what: Committed) {
+    if shard.store.stored() >= ticket && !shard.commits_pending() {
+        return publish(shard, session, &hub, what);
+    }
+    let session = shard.session(session.info.id).expect("a handled session is registered");
+    shard.defer(Commit { ticket, hub, session, what });
+}
+
+fn publish(shard: &Shard, session: &Session, hub: &DocumentHub, what: Committed) {
+    match what {
+        Committed::Op { seq, frame, client_op_id } => {
+            shard.stats().broadcasts.add(1);
+            hub.publish_op(seq, session.info.id, frame);
+            session.send_text(shard, encode::ack(seq, client_op_id.as_deref()));
+        }
+        Committed::Snapshot { seq, state } => {
+            hub.store_snapshot(seq, state);
+            session.send_text(shard, encode::ack(seq, None));
+        }
+    }
+}
+
+/// A deferred operation or snapshot whose record is stored.
+pub(super) fn committed(shard: &Shard, c: Commit) {
+    publish(shard, &c.session, &c.hub, c.what)
+}
+
+/// A deferred operation or snapshot whose record could not be stored:
+/// nothing was broadcast or acknowledged; the client is told `UNAVAILABLE`.
+pub(super) fn not_committed(shard: &Shard, c: Commit, why: &str) {
+    shard.stats().store_refusals.add(1);
+    let reply = match &c.what {
+        Committed::Op { client_op_id, .. } => {
+            c.hub.unassign();
+            encode::op_error(ErrorCode::Unavailable, why, client_op_id.as_deref())
+        }
+        Committed::Snapshot { .. } => encode::error(ErrorCode::Unavailable, why),
+    };
+    c.session.send_text(shard, reply);
 }
 
 fn cursor(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
@@ -204,20 +290,29 @@ fn cursor(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), St
     Ok(())
 }
 
-fn sync_response(shard: &Shard, session: &Session, since: u64) {
-    let Some(hub) = joined_hub(session) else { return };
+/// Answers a sync (`sync_request`, or `join_document` with `since`): the
+/// history after `since`, or `EPOCH_CHANGED` when the client's epoch is not
+/// the document's. Returns whether the reply was queued.
+fn sync_response(shard: &Shard, session: &Session, hub: &DocumentHub, since: u64, epoch: Option<&str>) -> bool {
+    if epoch.is_some_and(|e| e != &*hub.epoch_text) {
+        return session.send_text(shard, encode::epoch_changed(&hub.epoch_text));
+    }
     let reply = match hub.sync(since) {
-        Sync::History { ops } => encode::sync_response(hub.seq(), None, ops.iter().map(|op| op.payload())),
+        Sync::History { ops } => {
+            encode::sync_response(hub.seq(), &hub.epoch_text, None, ops.iter().map(|op| op.payload()))
+        }
         Sync::Snapshot { snapshot, ops } => encode::sync_response(
             hub.seq(),
+            &hub.epoch_text,
             Some((snapshot.seq, snapshot.state.get())),
             ops.iter().map(|op| op.payload()),
         ),
         Sync::Unavailable => {
-            return reply_error(shard, session, ErrorCode::HistoryUnavailable, "the history no longer covers `since`");
+            reply_error(shard, session, ErrorCode::HistoryUnavailable, "the history no longer covers `since`");
+            return true;
         }
     };
-    session.send_text(shard, reply);
+    session.send_text(shard, reply)
 }
 
 fn snapshot(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
@@ -228,8 +323,21 @@ fn snapshot(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), 
         reply_error(shard, session, ErrorCode::BadSnapshot, "snapshot seq is ahead of the document");
         return Ok(());
     }
-    hub.store_snapshot(seq, state.to_owned());
-    session.send_text(shard, encode::ack(seq, None));
+    if !hub.newer_snapshot(seq) {
+        // An equal or older one is held: acknowledged and ignored.
+        session.send_text(shard, encode::ack(seq, None));
+        return Ok(());
+    }
+    let ticket = match shard.store.append(&hub.id, hub.epoch, Kind::Snapshot, seq, state.get().as_bytes()) {
+        Ok(t) => t,
+        Err(e) => {
+            shard.stats().store_refusals.add(1);
+            reply_error(shard, session, ErrorCode::Unavailable, &e.to_string());
+            return Ok(());
+        }
+    };
+    hub.last_ticket.set(ticket);
+    commit_or_defer(shard, session, hub, ticket, Committed::Snapshot { seq, state: state.to_owned() });
     Ok(())
 }
 

@@ -123,6 +123,16 @@ pub struct Session {
     reading_done: Cell<bool>,
     last_rx: Cell<Instant>,
     last_ping: Cell<Instant>,
+    /// A join waits for its document to load from the store: messages read
+    /// meanwhile are held (in order) and handled after it.
+    joining: Cell<bool>,
+    held: RefCell<std::collections::VecDeque<Held>>,
+}
+
+/// A message read while a join was loading its document.
+enum Held {
+    Text(String),
+    Binary(Vec<u8>),
 }
 
 impl Session {
@@ -144,6 +154,8 @@ impl Session {
             reading_done: Cell::new(false),
             last_rx: Cell::new(now),
             last_ping: Cell::new(now),
+            joining: Cell::new(false),
+            held: RefCell::new(std::collections::VecDeque::new()),
         };
         session.transition(Phase::Connected);
         session
@@ -171,6 +183,17 @@ impl Session {
             error!(id = self.info.id, error = %e, "refused session transition; failing the connection");
             self.abort();
         }
+    }
+
+    /// A join is waiting for its document to load.
+    fn join_pending(&self) {
+        self.joining.set(true);
+    }
+
+    /// The join finished (joined, or refused): the reader goes on.
+    fn join_done(&self) {
+        self.joining.set(false);
+        self.wake_reader();
     }
 
     fn wake_writer(&self) {

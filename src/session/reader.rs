@@ -13,7 +13,7 @@ use std::time::Instant;
 use futures_lite::AsyncRead;
 use tracing::debug;
 
-use super::{handlers, Initiator, Mode, Session, Shard};
+use super::{handlers, Held, Initiator, Mode, Session, Shard};
 use crate::ws::{self, Event, Flow, FrameReader, Kind, OutFrame};
 
 impl Session {
@@ -28,6 +28,14 @@ impl Session {
             match event {
                 // After our Close, data is read and dropped (RFC 6455 7.1.1).
                 Event::Text(_) | Event::Binary(_) | Event::Ping(_) if !self.is_open() => {}
+                Event::Text(text) if self.joining.get() => {
+                    shard.stats().messages_in.add(1);
+                    self.held.borrow_mut().push_back(Held::Text(text.to_owned()));
+                }
+                Event::Binary(data) if self.joining.get() => {
+                    shard.stats().messages_in.add(1);
+                    self.held.borrow_mut().push_back(Held::Binary(data.to_owned()));
+                }
                 Event::Text(text) => {
                     shard.stats().messages_in.add(1);
                     match self.info.mode {
@@ -87,6 +95,7 @@ impl Session {
             return self.linger_if_failed(shard).await;
         }
         drop(pending);
+        self.handle_held(shard).await;
         loop {
             // Back-pressure: a client that does not read its replies is not
             // read from either, so its queue stays bounded.
@@ -109,10 +118,38 @@ impl Session {
             if !more {
                 return self.linger_if_failed(shard).await;
             }
+            self.handle_held(shard).await;
             // Let the writers (ours and the document's other subscribers)
             // run before the next read: a client that sends a burst must
             // not starve the readers of its own operations.
             futures_lite::future::yield_now().await;
+        }
+    }
+
+    /// Waits while a join loads its document, then handles the messages held
+    /// meanwhile, in order (one of them may start another wait). What is
+    /// held is bounded by one read: nothing more is read while a join waits.
+    async fn handle_held(&self, shard: &Shard) {
+        loop {
+            poll_fn(|cx| {
+                if !self.joining.get() || self.reading_done.get() {
+                    Poll::Ready(())
+                } else {
+                    self.reader_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            if self.joining.get() {
+                return; // reading is done
+            }
+            let Some(held) = self.held.borrow_mut().pop_front() else { return };
+            if self.is_open() {
+                match held {
+                    Held::Text(text) => handlers::handle_text(shard, self, &text),
+                    Held::Binary(data) => handlers::handle_binary(shard, self, &data),
+                }
+            }
         }
     }
 

@@ -3,9 +3,10 @@
 //! timeouts. Lives in an `Rc` on that core only: nothing here is locked.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -19,9 +20,12 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::close;
 use crate::config::Config;
-use crate::document::DocumentHub;
+use crate::document::{Capacity, DocumentHub, Restored, Snapshot};
 use crate::registry::{ConnectionManager, CoreStats};
-use crate::ws::{Kind, OutFrame};
+use crate::store::index::Index;
+use crate::store::log::LogStore;
+use crate::store::{HistoryStore, MemoryStore, StoreError, Ticket};
+use crate::ws::{Kind, OutFrame, SharedFrame};
 
 /// Size of one read buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -51,6 +55,30 @@ pub struct ShardSetup {
     pub clock: Arc<dyn Clock>,
     /// Drawn at start; makes `session_id`s unique across relays and restarts.
     pub session_nonce: u64,
+    /// With `storage.dir`: this core's part of the recovered log, and the
+    /// relay-wide counter of segment numbers.
+    pub log: Option<(Index, Arc<AtomicU64>)>,
+}
+
+/// An accepted operation or snapshot waiting for its record to be stored
+/// before it is published and acknowledged (`docs/storage.md`, "Acks").
+pub(crate) struct Commit {
+    pub(crate) ticket: Ticket,
+    pub(crate) hub: Rc<DocumentHub>,
+    pub(crate) session: Rc<Session>,
+    pub(crate) what: Committed,
+}
+
+pub(crate) enum Committed {
+    Op { seq: u64, frame: SharedFrame, client_op_id: Option<Box<str>> },
+    Snapshot { seq: u64, state: Box<serde_json::value::RawValue> },
+}
+
+/// A session waiting for its document to be loaded from the store.
+pub(crate) struct JoinWaiter {
+    pub(crate) session: Rc<Session>,
+    pub(crate) since: Option<u64>,
+    pub(crate) epoch: Option<String>,
 }
 
 /// Everything one core owns.
@@ -74,11 +102,32 @@ pub struct Shard {
     ticker_waker: Cell<Option<Waker>>,
     /// Whoever waits for the last session to end (shutdown).
     drained_waker: Cell<Option<Waker>>,
+    /// Where history is kept: the log with `storage.dir`, else memory.
+    pub(crate) store: Rc<dyn HistoryStore>,
+    pub(crate) log: Option<Rc<LogStore>>,
+    /// Operations and snapshots waiting to be stored, in ticket order.
+    commits: RefCell<VecDeque<Commit>>,
+    commit_waker: Cell<Option<Waker>>,
+    /// Documents being loaded from the store, and who waits for each.
+    loading: RefCell<HashMap<Box<str>, Vec<JoinWaiter>>>,
+    me: Weak<Shard>,
 }
 
 impl Shard {
-    pub fn new(setup: ShardSetup) -> Shard {
-        Shard {
+    /// The shard of one core, in the `Rc` its tasks share.
+    pub fn new(setup: ShardSetup) -> Rc<Shard> {
+        let log = setup.log.map(|(index, next)| Rc::new(LogStore::new(setup.index, &setup.config, index, next)));
+        let store: Rc<dyn HistoryStore> = match &log {
+            Some(l) => l.clone(),
+            None => Rc::new(MemoryStore::default()),
+        };
+        Rc::new_cyclic(|me| Shard {
+            store,
+            log,
+            commits: RefCell::new(VecDeque::new()),
+            commit_waker: Cell::new(None),
+            loading: RefCell::new(HashMap::new()),
+            me: me.clone(),
             index: setup.index,
             config: setup.config,
             registry: setup.registry,
@@ -93,7 +142,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             ticker_waker: Cell::new(None),
             drained_waker: Cell::new(None),
-        }
+        })
     }
 
     pub fn stats(&self) -> &CoreStats {
@@ -104,26 +153,158 @@ impl Shard {
         self.shutting_down.get()
     }
 
-    /// The hub of a document this core owns, created on first use.
-    pub(crate) fn document(&self, id: &str) -> Rc<DocumentHub> {
-        if let Some(hub) = self.documents.borrow().get(id) {
-            return hub.clone();
-        }
+    fn capacity(&self) -> Capacity {
         let d = &self.config.documents;
-        let hub = Rc::new(DocumentHub::new(id, d.ring_capacity, d.presence_ring_capacity, d.history_ops));
+        Capacity { ring: d.ring_capacity, presence: d.presence_ring_capacity, history: d.history_ops }
+    }
+
+    fn loaded(&self, id: &str, hub: Rc<DocumentHub>) -> Rc<DocumentHub> {
         self.documents.borrow_mut().insert(id.into(), hub.clone());
         self.stats().documents.add(1);
-        debug!(document = id, core = self.index, "document loaded");
+        if let Some(w) = self.ticker_waker.take() {
+            w.wake();
+        }
+        debug!(document = id, core = self.index, seq = hub.seq(), epoch = %hub.epoch, "document loaded");
         hub
     }
 
-    /// Frees documents that have had no session for `documents.idle_unload_ms`.
+    /// The hub of a document this core owns, if loaded; a document the store
+    /// has no history of starts at once (a new epoch). `None`: the document
+    /// is being loaded from the store, and `waiter` is joined once it is
+    /// (or told why not).
+    pub(crate) fn open_document(&self, id: &str, waiter: impl FnOnce() -> JoinWaiter) -> Option<Rc<DocumentHub>> {
+        if let Some(hub) = self.documents.borrow().get(id) {
+            return Some(hub.clone());
+        }
+        if self.store.head(id).is_none() {
+            return Some(self.loaded(id, Rc::new(DocumentHub::new(id, self.capacity()))));
+        }
+        let first = {
+            let mut loading = self.loading.borrow_mut();
+            let waiters = loading.entry(id.into()).or_default();
+            waiters.push(waiter());
+            waiters.len() == 1
+        };
+        if first {
+            let shard = self.me.upgrade().expect("the shard outlives its tasks");
+            let id: Box<str> = id.into();
+            shard.spawn_tracked(shard.clone().load(id));
+        }
+        None
+    }
+
+    /// Loads a document from the store, then joins everyone who waited.
+    async fn load(self: Rc<Self>, id: Box<str>) {
+        let result = self.read_document(&id).await;
+        let waiters = self.loading.borrow_mut().remove(&id).unwrap_or_default();
+        match result {
+            Ok(hub) => {
+                let hub = self.loaded(&id, Rc::new(hub));
+                for w in waiters {
+                    super::handlers::finish_join(&self, &w.session, hub.clone(), w.since, w.epoch.as_deref());
+                    w.session.join_done();
+                }
+            }
+            Err(e) => {
+                tracing::error!(document = %id, core = self.index, error = %e, "could not load a document's history");
+                for w in waiters {
+                    w.session.send_text(
+                        &self,
+                        crate::protocol::encode::error(
+                            crate::protocol::ErrorCode::Unavailable,
+                            &format!("the document's history could not be loaded: {e}"),
+                        ),
+                    );
+                    w.session.join_done();
+                }
+            }
+        }
+    }
+
+    async fn read_document(&self, id: &str) -> Result<DocumentHub, StoreError> {
+        let Some(head) = self.store.head(id) else { return Ok(DocumentHub::new(id, self.capacity())) };
+        let cap = self.capacity();
+        let from = (head.seq + 1).saturating_sub(cap.history as u64).max(head.oldest).max(1);
+        let ops = if cap.history == 0 { Vec::new() } else { self.store.read_range(id, from, head.seq).await? };
+        let ops = ops.iter().map(|data| Rc::new(OutFrame::new(Kind::Binary, data))).collect();
+        let snapshot = match self.store.latest_snapshot(id).await? {
+            Some(s) => {
+                let text = String::from_utf8(s.state.into_vec())
+                    .map_err(|_| StoreError::Read("a stored snapshot is not UTF-8".into()))?;
+                let state = serde_json::value::RawValue::from_string(text)
+                    .map_err(|_| StoreError::Read("a stored snapshot is not JSON".into()))?;
+                Some(Snapshot { seq: s.seq, state })
+            }
+            None => None,
+        };
+        Ok(DocumentHub::restore(id, cap, Restored { epoch: head.epoch, seq: head.seq, ops, snapshot }))
+    }
+
+    /// A session of this core, by connection id.
+    pub(crate) fn session(&self, id: u64) -> Option<Rc<Session>> {
+        self.sessions.borrow().get(&id).cloned()
+    }
+
+    /// Queues a commit until its record is stored.
+    pub(crate) fn defer(&self, commit: Commit) {
+        self.commits.borrow_mut().push_back(commit);
+        if let Some(w) = self.commit_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Whether commits wait for their records (new ones must queue behind).
+    pub(crate) fn commits_pending(&self) -> bool {
+        !self.commits.borrow().is_empty()
+    }
+
+    /// Publishes and acknowledges what the store has stored, and refuses
+    /// what it failed to store, in order; runs for the life of the core.
+    pub async fn commit_loop(self: Rc<Self>) {
+        loop {
+            let ticket = poll_fn(|cx| match self.commits.borrow().front() {
+                Some(c) => Poll::Ready(c.ticket),
+                None => {
+                    self.commit_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            let outcome = self.store.wait(ticket).await;
+            let stored = self.store.stored();
+            loop {
+                let next = {
+                    let mut commits = self.commits.borrow_mut();
+                    match commits.front() {
+                        Some(c) if c.ticket <= stored || outcome.is_err() && c.ticket <= self.store.failed() => {
+                            commits.pop_front()
+                        }
+                        _ => None,
+                    }
+                };
+                let Some(c) = next else { break };
+                if c.ticket <= stored {
+                    super::handlers::committed(&self, c);
+                } else {
+                    let why = outcome.as_ref().err().map_or_else(String::new, |e| e.to_string());
+                    super::handlers::not_committed(&self, c, &why);
+                }
+            }
+        }
+    }
+
+    /// Frees documents that have had no session for `documents.idle_unload_ms`
+    /// and have nothing waiting to be stored.
     fn unload_idle_documents(&self, now: Instant) {
         let after = Config::ms(self.config.documents.idle_unload_ms);
         let before = self.documents.borrow().len();
-        self.documents
-            .borrow_mut()
-            .retain(|_, hub| hub.subscriber_count() > 0 || hub.empty_since.get().is_none_or(|t| now - t < after));
+        let stored = self.store.stored();
+        self.documents.borrow_mut().retain(|_, hub| {
+            hub.subscriber_count() > 0
+                || hub.storing()
+                || hub.last_ticket.get() > stored
+                || hub.empty_since.get().is_none_or(|t| now - t < after)
+        });
         let unloaded = before - self.documents.borrow().len();
         self.stats().documents.sub(unloaded as u64);
     }

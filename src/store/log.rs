@@ -1,0 +1,459 @@
+//! The local log: one core's segmented write-ahead log, written with
+//! glommio's io_uring DMA file API (`docs/storage.md`).
+//!
+//! Appends go into an in-memory batch; one flusher task per core writes the
+//! batch as one block-aligned write to the current segment and, unless
+//! `fsync = "never"`, one `fdatasync` covers all of it (group commit). With
+//! `"batch"` the flusher first waits up to `storage.batch_ms` for more
+//! records; with `"always"` it writes at once, and what arrives during a
+//! write shares the next one. A record is stored when its write (and sync)
+//! completed; with `"never"` it counts as stored when appended.
+//!
+//! When a write fails (disk full, I/O error), every record not yet stored is
+//! dropped and reported failed, the segment is cut back to its stored
+//! length and abandoned, and appends are refused for [`RETRY_AFTER`]; the
+//! next write after that opens a new segment. Nothing is reported stored
+//! that was not written.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use glommio::io::{BufferedFile, Directory, DmaFile};
+use tracing::{debug, error, info, warn};
+
+use super::index::{Index, Loc};
+use super::record::{self, Kind, BLOCK, HEADER_BYTES};
+use super::recover::segment_name;
+use super::{Epoch, Head, HistoryStore, LocalFuture, StoreError, StoredSnapshot, Ticket};
+use crate::config::{Config, Fsync};
+
+/// How long appends are refused after a failed write before trying again.
+pub const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// A batch this large is written without waiting for `batch_ms`.
+const FLUSH_NOW_BYTES: usize = 1 << 20;
+
+/// Records queued and not yet written are bounded: beyond this, appends are
+/// refused (`UNAVAILABLE`) until the disk catches up.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// Reads of neighbouring records closer than this are merged into one.
+const READ_MERGE_GAP: u64 = 64 << 10;
+
+struct Meta {
+    document: Box<str>,
+    kind: Kind,
+    epoch: Epoch,
+    seq: u64,
+    /// Offset in the batch.
+    at: usize,
+    len: u32,
+}
+
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    metas: Vec<Meta>,
+    /// Ticket of the last record in the batch.
+    last: Ticket,
+}
+
+/// The segment being written.
+struct Segment {
+    n: u64,
+    file: Rc<DmaFile>,
+    /// Bytes written (always a multiple of the block).
+    len: u64,
+}
+
+/// One core's log.
+pub struct LogStore {
+    core: usize,
+    dir: PathBuf,
+    fsync: Fsync,
+    batch_wait: Duration,
+    segment_bytes: u64,
+    /// Segment numbers are unique across cores: they order segments for
+    /// recovery.
+    next_segment: Arc<AtomicU64>,
+    index: RefCell<Index>,
+    head: RefCell<Option<Segment>>,
+    /// Files open for reading, by segment. Reads go through the page cache
+    /// (io_uring buffered reads): a document loads a few scattered records,
+    /// which O_DIRECT would round out to whole blocks each.
+    readers: RefCell<HashMap<u64, Rc<BufferedFile>>>,
+    batch: RefCell<Batch>,
+    appended: Cell<Ticket>,
+    stored: Cell<Ticket>,
+    /// Tickets up to this one failed (they are above `stored`).
+    failed: Cell<Ticket>,
+    /// After a failed write: refuse appends until then, with this reason.
+    refusing: RefCell<Option<(Instant, String)>>,
+    flusher: Cell<Option<Waker>>,
+    waiters: RefCell<Vec<Waker>>,
+    closing: Cell<bool>,
+}
+
+impl LogStore {
+    /// A core's log over the index recovery built for it.
+    pub fn new(core: usize, config: &Config, index: Index, next_segment: Arc<AtomicU64>) -> LogStore {
+        let s = &config.storage;
+        LogStore {
+            core,
+            dir: PathBuf::from(&s.dir),
+            fsync: s.fsync,
+            batch_wait: Config::ms(s.batch_ms),
+            segment_bytes: s.segment_bytes,
+            next_segment,
+            index: RefCell::new(index),
+            head: RefCell::new(None),
+            readers: RefCell::new(HashMap::new()),
+            batch: RefCell::new(Batch::default()),
+            appended: Cell::new(0),
+            stored: Cell::new(0),
+            failed: Cell::new(0),
+            refusing: RefCell::new(None),
+            flusher: Cell::new(None),
+            waiters: RefCell::new(Vec::new()),
+            closing: Cell::new(false),
+        }
+    }
+
+    /// Bytes in this core's segments (for tests and metrics).
+    pub fn segment_bytes_on_disk(&self) -> u64 {
+        self.index.borrow().segments.values().map(|s| s.bytes).sum()
+    }
+
+    fn wake_waiters(&self) {
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// The flusher: writes batches until [`LogStore::close`] and the last
+    /// batch is written.
+    pub async fn run(self: Rc<Self>) {
+        loop {
+            let more = poll_fn(|cx| {
+                if !self.batch.borrow().metas.is_empty() {
+                    Poll::Ready(true)
+                } else if self.closing.get() {
+                    Poll::Ready(false)
+                } else {
+                    self.flusher.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            if !more {
+                return;
+            }
+            let wait = self.fsync != Fsync::Always
+                && !self.closing.get()
+                && self.batch.borrow().bytes.len() < FLUSH_NOW_BYTES
+                && !self.batch_wait.is_zero();
+            if wait {
+                glommio::timer::sleep(self.batch_wait).await;
+            }
+            let batch = std::mem::take(&mut *self.batch.borrow_mut());
+            match self.write(&batch).await {
+                Ok((segment, base)) => self.stored_batch(batch, segment, base).await,
+                Err(e) => self.failed_batch(batch.last, e).await,
+            }
+        }
+    }
+
+    /// Stops the flusher once everything queued is written.
+    pub fn close(&self) {
+        self.closing.set(true);
+        if let Some(w) = self.flusher.take() {
+            w.wake();
+        }
+    }
+
+    /// Writes a batch; returns the segment and the offset of its first record.
+    async fn write(&self, batch: &Batch) -> std::io::Result<(u64, u64)> {
+        let roll = match &*self.head.borrow() {
+            None => true,
+            Some(h) => h.len > BLOCK && h.len + batch.bytes.len() as u64 > self.segment_bytes,
+        };
+        if roll {
+            self.roll().await?;
+        }
+        let (file, pos, n) = {
+            let head = self.head.borrow();
+            let h = head.as_ref().expect("rolled");
+            (h.file.clone(), h.len, h.n)
+        };
+        let header = if pos == 0 { HEADER_BYTES as usize } else { 0 };
+        let total = header + batch.bytes.len();
+        let size = record::align_up(total as u64) as usize;
+        let mut buf = file.alloc_dma_buffer(size);
+        {
+            let out = buf.as_bytes_mut();
+            if header > 0 {
+                out[..header].copy_from_slice(&record::header(n, self.core as u32));
+            }
+            out[header..total].copy_from_slice(&batch.bytes);
+            out[total..].fill(0);
+        }
+        let written = file.write_at(buf, pos).await.map_err(std::io::Error::from)?;
+        if written != size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short write: {written} of {size} bytes (is the disk full?)"),
+            ));
+        }
+        if self.fsync != Fsync::Never {
+            file.fdatasync().await.map_err(std::io::Error::from)?;
+        }
+        if let Some(h) = self.head.borrow_mut().as_mut() {
+            h.len = pos + size as u64;
+        }
+        if let Some(s) = self.index.borrow_mut().segments.get_mut(&n) {
+            s.bytes = pos + size as u64;
+        }
+        Ok((n, pos + header as u64))
+    }
+
+    /// Starts a new segment (the directory entry is synced before anything
+    /// in it counts as stored).
+    async fn roll(&self) -> std::io::Result<()> {
+        let n = self.next_segment.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(segment_name(self.core, n));
+        let file = glommio::io::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .dma_open(&path)
+            .await
+            .map_err(std::io::Error::from)?;
+        if file.alignment() > BLOCK {
+            return Err(std::io::Error::other(format!(
+                "{}: the device needs {}-byte aligned writes; the log writes {BLOCK}-byte blocks",
+                path.display(),
+                file.alignment()
+            )));
+        }
+        let dir = Directory::open(&self.dir).await.map_err(std::io::Error::from)?;
+        dir.sync().await.map_err(std::io::Error::from)?;
+        let _ = dir.close().await;
+        let file = Rc::new(file);
+        self.index.borrow_mut().segments.entry(n).or_default().core = self.core;
+        let old = self.head.borrow_mut().replace(Segment { n, file, len: 0 });
+        debug!(core = self.core, segment = n, "log segment started");
+        if let Some(old) = old {
+            debug!(core = self.core, segment = old.n, bytes = old.len, "log segment sealed");
+            self.delete_dead_segments().await;
+        }
+        Ok(())
+    }
+
+    async fn stored_batch(&self, batch: Batch, segment: u64, base: u64) {
+        {
+            let mut index = self.index.borrow_mut();
+            for m in &batch.metas {
+                let loc = Loc { segment, offset: base + m.at as u64, len: m.len };
+                index.add(&m.document, m.kind, m.epoch, m.seq, loc);
+            }
+        }
+        self.stored.set(batch.last);
+        self.wake_waiters();
+        self.delete_dead_segments().await;
+    }
+
+    async fn failed_batch(&self, last: Ticket, e: std::io::Error) {
+        // Everything queued behind the failed batch fails with it: its
+        // records follow the failed ones in their documents.
+        let queued = std::mem::take(&mut *self.batch.borrow_mut());
+        let failed = queued.last.max(last);
+        self.failed.set(failed);
+        let reason = e.to_string();
+        error!(core = self.core, error = %reason, failed_records = failed - self.stored.get(), "log write failed; refusing operations for now");
+        *self.refusing.borrow_mut() = Some((Instant::now() + RETRY_AFTER, reason));
+        self.wake_waiters();
+        // Cut the segment back to what was stored, and leave it: the next
+        // write starts a new one.
+        let head = self.head.borrow_mut().take();
+        if let Some(h) = head {
+            if let Err(e) = h.file.truncate(h.len).await {
+                warn!(core = self.core, segment = h.n, error = %e, "could not cut the segment back after a failed write");
+            }
+            self.delete_dead_segments().await;
+        }
+    }
+
+    /// Deletes segments without live records, except the one being written.
+    async fn delete_dead_segments(&self) {
+        let keep = self.head.borrow().as_ref().map(|h| h.n);
+        let dead = self.index.borrow().dead_segments(keep);
+        for n in dead {
+            self.index.borrow_mut().segments.remove(&n);
+            self.readers.borrow_mut().remove(&n);
+            let path = self.dir.join(segment_name(self.core, n));
+            match glommio::io::remove(&path).await {
+                Ok(()) => debug!(core = self.core, segment = n, "log segment deleted (no live records)"),
+                Err(e) => {
+                    warn!(core = self.core, segment = %path.display(), error = %e, "could not delete a dead segment")
+                }
+            }
+        }
+    }
+
+    async fn reader(&self, segment: u64) -> Result<Rc<BufferedFile>, StoreError> {
+        if let Some(f) = self.readers.borrow().get(&segment) {
+            return Ok(f.clone());
+        }
+        let core = self.index.borrow().segments.get(&segment).map_or(self.core, |s| s.core);
+        let path = self.dir.join(segment_name(core, segment));
+        let file =
+            Rc::new(BufferedFile::open(&path).await.map_err(|e| StoreError::Read(format!("{}: {e}", path.display())))?);
+        self.readers.borrow_mut().insert(segment, file.clone());
+        Ok(file)
+    }
+
+    /// Reads whole records (checked) and returns each one's data.
+    async fn read_records(&self, locs: &[Loc]) -> Result<Vec<Box<[u8]>>, StoreError> {
+        let mut out = Vec::with_capacity(locs.len());
+        let mut i = 0;
+        while i < locs.len() {
+            // Merge neighbours in one segment into one read.
+            let first = locs[i];
+            let mut end = first.offset + first.len as u64;
+            let mut j = i + 1;
+            while j < locs.len()
+                && locs[j].segment == first.segment
+                && locs[j].offset >= first.offset
+                && locs[j].offset <= end + READ_MERGE_GAP
+                && locs[j].offset + (locs[j].len as u64) - first.offset <= 8 << 20
+            {
+                end = end.max(locs[j].offset + locs[j].len as u64);
+                j += 1;
+            }
+            let file = self.reader(first.segment).await?;
+            let span = file
+                .read_at(first.offset, (end - first.offset) as usize)
+                .await
+                .map_err(|e| StoreError::Read(format!("segment {}: {e}", first.segment)))?;
+            for l in &locs[i..j] {
+                let at = (l.offset - first.offset) as usize;
+                let bytes = span.get(at..at + l.len as usize).ok_or_else(|| {
+                    StoreError::Read(format!("segment {} is shorter than its index ({})", l.segment, l.offset))
+                })?;
+                let (r, _) = record::decode(bytes).map_err(|d| {
+                    StoreError::Read(format!("segment {} offset {}: damaged record ({d:?})", l.segment, l.offset))
+                })?;
+                out.push(r.data.into());
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    fn refusal(&self) -> Option<StoreError> {
+        let mut r = self.refusing.borrow_mut();
+        match &*r {
+            Some((until, why)) if Instant::now() < *until => Some(StoreError::Unavailable(why.clone())),
+            Some(_) => {
+                info!(core = self.core, "retrying log writes");
+                *r = None;
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+impl HistoryStore for LogStore {
+    fn head(&self, document: &str) -> Option<Head> {
+        self.index.borrow().docs.get(document).map(|d| Head { epoch: d.epoch, seq: d.seq, oldest: d.oldest() })
+    }
+
+    fn append(&self, document: &str, epoch: Epoch, kind: Kind, seq: u64, data: &[u8]) -> Result<Ticket, StoreError> {
+        if let Some(e) = self.refusal() {
+            return Err(e);
+        }
+        let mut batch = self.batch.borrow_mut();
+        if batch.bytes.len() >= MAX_QUEUED_BYTES {
+            return Err(StoreError::Unavailable("the disk is not keeping up (too many records queued)".into()));
+        }
+        let at = batch.bytes.len();
+        record::encode(&mut batch.bytes, kind, epoch.0, seq, document, data);
+        let len = (batch.bytes.len() - at) as u32;
+        batch.metas.push(Meta { document: document.into(), kind, epoch, seq, at, len });
+        let t = self.appended.get() + 1;
+        self.appended.set(t);
+        batch.last = t;
+        drop(batch);
+        if let Some(w) = self.flusher.take() {
+            w.wake();
+        }
+        Ok(t)
+    }
+
+    fn stored(&self) -> Ticket {
+        match self.fsync {
+            Fsync::Never => self.appended.get(),
+            _ => self.stored.get(),
+        }
+    }
+
+    fn failed(&self) -> Ticket {
+        self.failed.get()
+    }
+
+    fn wait(&self, ticket: Ticket) -> LocalFuture<'_, Result<(), StoreError>> {
+        Box::pin(poll_fn(move |cx| {
+            if self.stored() >= ticket {
+                Poll::Ready(Ok(()))
+            } else if self.failed.get() >= ticket {
+                let why = self.refusing.borrow().as_ref().map_or_else(|| "write failed".into(), |(_, w)| w.clone());
+                Poll::Ready(Err(StoreError::Unavailable(why)))
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        }))
+    }
+
+    fn read_range<'a>(
+        &'a self,
+        document: &'a str,
+        from: u64,
+        to: u64,
+    ) -> LocalFuture<'a, Result<Vec<Box<[u8]>>, StoreError>> {
+        Box::pin(async move {
+            let locs: Vec<Loc> = {
+                let index = self.index.borrow();
+                let Some(d) = index.docs.get(document) else { return Ok(Vec::new()) };
+                let from = from.max(d.oldest());
+                let to = to.min(d.seq);
+                if from > to {
+                    return Ok(Vec::new());
+                }
+                let skip = (from - d.oldest()) as usize;
+                d.ops.iter().skip(skip).take((to - from + 1) as usize).copied().collect()
+            };
+            self.read_records(&locs).await
+        })
+    }
+
+    fn latest_snapshot<'a>(&'a self, document: &'a str) -> LocalFuture<'a, Result<Option<StoredSnapshot>, StoreError>> {
+        Box::pin(async move {
+            let snap = self.index.borrow().docs.get(document).and_then(|d| d.snapshot);
+            let Some((seq, loc)) = snap else { return Ok(None) };
+            let mut data = self.read_records(&[loc]).await?;
+            Ok(data.pop().map(|state| StoredSnapshot { seq, state }))
+        })
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+}

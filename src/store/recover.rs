@@ -1,0 +1,273 @@
+//! Recovery at start (`docs/storage.md`, "Recovery"): scans every segment
+//! under `storage.dir`, rebuilds each document's seq, epoch, live operations
+//! and latest snapshot, cuts torn or corrupt tails, moves documents whose
+//! owner core changed (a new `cores` setting) into their new owner's log,
+//! and deletes segments left without live records.
+//!
+//! It runs once, on the starting thread, before any core serves: plain
+//! blocking file I/O is right here. The cores then own their part of the
+//! index and write only through glommio.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::index::{Index, Loc};
+use super::record::{self, Scanned, BLOCK, HEADER_BYTES};
+use super::Epoch;
+use crate::placement::owner_core;
+
+/// A segment's file name: writer core and segment number.
+pub fn segment_name(core: usize, n: u64) -> String {
+    format!("{core:03}-{n:010}.log")
+}
+
+fn parse_name(name: &str) -> Option<(usize, u64)> {
+    let stem = name.strip_suffix(".log")?;
+    let (core, n) = stem.split_once('-')?;
+    if core.len() != 3 || n.len() != 10 {
+        return None;
+    }
+    Some((core.parse().ok()?, n.parse().ok()?))
+}
+
+/// What recovery found and did.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub segments: usize,
+    pub bytes: u64,
+    pub records: u64,
+    pub documents: usize,
+    pub damaged: usize,
+    pub moved_documents: usize,
+    pub deleted_segments: usize,
+    pub elapsed: Duration,
+}
+
+/// The recovered log: one index per core, and the next segment number.
+#[derive(Debug)]
+pub struct Recovered {
+    pub cores: Vec<Index>,
+    pub next_segment: u64,
+    pub report: Report,
+    /// Held for the relay's life: a second relay on the same directory is
+    /// refused instead of corrupting it.
+    pub lock: File,
+}
+
+/// Why recovery could not run at all. Damage inside segments is not an
+/// error: it is logged and cut.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("storage.dir {dir}: {source}")]
+    Io { dir: PathBuf, source: std::io::Error },
+    #[error("storage.dir {0} is in use by another docrelay process (its LOCK file is held)")]
+    Locked(PathBuf),
+}
+
+/// Recovers the log under `dir` for `cores` cores keeping `window`
+/// operations per document; segments grow to about `segment_bytes`.
+pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> Result<Recovered, RecoverError> {
+    let io = |source| RecoverError::Io { dir: dir.to_path_buf(), source };
+    let started = Instant::now();
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(RecoverError::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    let mut files: Vec<(u64, usize, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        if let Some((core, n)) = name.to_str().and_then(parse_name) {
+            files.push((n, core, entry.path()));
+        }
+    }
+    files.sort();
+    let mut report = Report { segments: files.len(), ..Report::default() };
+    let mut index = Index::new(window);
+    let mut paths: HashMap<u64, PathBuf> = HashMap::new();
+    for (n, core, path) in &files {
+        let bytes = std::fs::read(path).map_err(io)?;
+        report.bytes += bytes.len() as u64;
+        paths.insert(*n, path.clone());
+        index.segments.entry(*n).or_default().core = *core;
+        index.segments.get_mut(n).expect("just added").bytes = bytes.len() as u64;
+        match record::check_header(&bytes) {
+            Ok(named) if named == *n => {}
+            // A segment created but never written (a crash right after the
+            // roll) has no header yet: nothing of it was stored, and it is
+            // deleted below as a segment without live records.
+            Err(_) if bytes.is_empty() => continue,
+            other => {
+                // Not ours to interpret: set aside, never deleted.
+                let why = match other {
+                    Ok(_) => "the segment header names another segment",
+                    Err(why) => why,
+                };
+                let aside = path.with_extension("log.damaged");
+                warn!(segment = %path.display(), offset = 0, why, moved_to = %aside.display(), "unreadable segment; set aside");
+                std::fs::rename(path, &aside).map_err(io)?;
+                index.segments.remove(n);
+                report.damaged += 1;
+                continue;
+            }
+        }
+        let mut valid_end = bytes.len() as u64;
+        for item in record::Scanner::new(&bytes) {
+            match item {
+                Scanned::Record { at, len, record } => {
+                    report.records += 1;
+                    let loc = Loc { segment: *n, offset: at, len: len as u32 };
+                    index.add(record.document, record.kind, Epoch(record.epoch), record.seq, loc);
+                }
+                Scanned::Damage { at, why, resumed } => {
+                    report.damaged += 1;
+                    match resumed {
+                        Some(r) => warn!(
+                            segment = %path.display(),
+                            offset = at,
+                            resumed_at = r,
+                            why,
+                            "damaged log record: skipped to the next intact write"
+                        ),
+                        None => {
+                            warn!(segment = %path.display(), offset = at, why, "damaged log tail: cutting the segment here");
+                            valid_end = at;
+                        }
+                    }
+                }
+            }
+        }
+        if valid_end < bytes.len() as u64 {
+            let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+            f.set_len(valid_end).and_then(|()| f.sync_data()).map_err(io)?;
+            index.segments.get_mut(n).expect("listed").bytes = valid_end;
+        }
+    }
+    let mut next_segment = files.last().map_or(1, |(n, _, _)| n + 1);
+    report.documents = index.docs.len();
+
+    // Documents whose owner core changed: copy their live records into a
+    // segment of the new owner (the copies supersede the originals).
+    let mut moving: Vec<(usize, Box<str>)> = Vec::new();
+    for (doc, d) in &index.docs {
+        let owner = owner_core(doc, cores);
+        if d.locs().any(|l| index.segments.get(&l.segment).is_none_or(|s| s.core != owner)) {
+            moving.push((owner, doc.clone()));
+        }
+    }
+    moving.sort();
+    report.moved_documents = moving.len();
+    let mut i = 0;
+    while i < moving.len() {
+        let owner = moving[i].0;
+        let mut out = SegmentWriter::create(dir, owner, next_segment).map_err(io)?;
+        index.segments.insert(next_segment, Default::default());
+        index.segments.get_mut(&next_segment).expect("added").core = owner;
+        while i < moving.len() && moving[i].0 == owner && out.len < segment_bytes {
+            let doc = moving[i].1.clone();
+            let locs: Vec<Loc> = index.docs[&doc].locs().collect();
+            for l in locs {
+                let src = File::open(&paths[&l.segment]).map_err(io)?;
+                let mut buf = vec![0; l.len as usize];
+                src.read_exact_at(&mut buf, l.offset).map_err(io)?;
+                let (r, _) = record::decode(&buf).map_err(|_| {
+                    io(std::io::Error::new(std::io::ErrorKind::InvalidData, "a record changed while being moved"))
+                })?;
+                let at = out.push(&buf);
+                let loc = Loc { segment: next_segment, offset: at, len: l.len };
+                index.add(&doc, r.kind, Epoch(r.epoch), r.seq, loc);
+            }
+            i += 1;
+        }
+        paths.insert(next_segment, out.path.clone());
+        out.finish().map_err(io)?;
+        next_segment += 1;
+    }
+
+    // Compaction of what recovery made dead.
+    for n in index.dead_segments(None) {
+        std::fs::remove_file(&paths[&n]).map_err(io)?;
+        index.segments.remove(&n);
+        report.deleted_segments += 1;
+    }
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+
+    // One index per core.
+    let mut per_core: Vec<Index> = (0..cores).map(|_| Index::new(window)).collect();
+    for (n, s) in std::mem::take(&mut index.segments) {
+        per_core[s.core.min(cores - 1)].segments.insert(n, s);
+    }
+    for (doc, d) in index.docs.drain() {
+        per_core[owner_core(&doc, cores)].docs.insert(doc, d);
+    }
+    report.elapsed = started.elapsed();
+    info!(
+        dir = %dir.display(),
+        segments = report.segments,
+        bytes = report.bytes,
+        records = report.records,
+        documents = report.documents,
+        damaged = report.damaged,
+        moved_documents = report.moved_documents,
+        deleted_segments = report.deleted_segments,
+        ms = report.elapsed.as_millis() as u64,
+        "storage recovered"
+    );
+    Ok(Recovered { cores: per_core, next_segment, report, lock })
+}
+
+/// Writes one segment with blocking I/O (recovery only): header, records,
+/// zero padding to the block, then `fdatasync`.
+struct SegmentWriter {
+    file: File,
+    path: PathBuf,
+    buf: Vec<u8>,
+    len: u64,
+}
+
+impl SegmentWriter {
+    fn create(dir: &Path, core: usize, n: u64) -> std::io::Result<SegmentWriter> {
+        let path = dir.join(segment_name(core, n));
+        let file = OpenOptions::new().create_new(true).write(true).open(&path)?;
+        let buf = record::header(n, core as u32).to_vec();
+        Ok(SegmentWriter { file, path, len: buf.len() as u64, buf })
+    }
+
+    /// Appends a whole record; returns its offset.
+    fn push(&mut self, rec: &[u8]) -> u64 {
+        let at = self.len;
+        self.buf.extend_from_slice(rec);
+        self.len += rec.len() as u64;
+        at
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        let padded = record::align_up(self.buf.len() as u64).max(BLOCK) as usize;
+        self.buf.resize(padded, 0);
+        debug_assert!(self.buf.len() as u64 >= HEADER_BYTES);
+        self.file.write_all(&self.buf)?;
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(segment_name(2, 17), "002-0000000017.log");
+        assert_eq!(parse_name("002-0000000017.log"), Some((2, 17)));
+        assert_eq!(parse_name("LOCK"), None);
+        assert_eq!(parse_name("2-17.log"), None);
+    }
+}
