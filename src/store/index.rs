@@ -46,6 +46,8 @@ impl DocIndex {
 pub struct SegmentInfo {
     pub core: usize,
     pub live: u64,
+    /// Bytes of the live records.
+    pub live_bytes: u64,
     pub bytes: u64,
 }
 
@@ -71,6 +73,7 @@ impl Index {
     fn release(segments: &mut BTreeMap<u64, SegmentInfo>, loc: Loc) {
         if let Some(s) = segments.get_mut(&loc.segment) {
             s.live = s.live.saturating_sub(1);
+            s.live_bytes = s.live_bytes.saturating_sub(loc.len as u64);
         }
     }
 
@@ -79,7 +82,9 @@ impl Index {
     /// migration) replaces the older copy.
     pub fn add(&mut self, document: &str, kind: Kind, epoch: Epoch, seq: u64, loc: Loc) {
         let segments = &mut self.segments;
-        segments.entry(loc.segment).or_default().live += 1;
+        let info = segments.entry(loc.segment).or_default();
+        info.live += 1;
+        info.live_bytes += loc.len as u64;
         let doc = match self.docs.get_mut(document) {
             Some(d) => d,
             None => {
@@ -130,6 +135,16 @@ impl Index {
         }
     }
 
+    /// The live records of a segment, with their documents.
+    pub fn live_in(&self, segment: u64) -> Vec<(Box<str>, Loc)> {
+        let mut out = Vec::new();
+        for (doc, d) in &self.docs {
+            out.extend(d.locs().filter(|l| l.segment == segment).map(|l| (doc.clone(), l)));
+        }
+        out.sort_by_key(|(_, l)| l.offset);
+        out
+    }
+
     /// Segments with no live record, other than `keep`.
     pub fn dead_segments(&self, keep: Option<u64>) -> Vec<u64> {
         self.segments.iter().filter(|(n, s)| s.live == 0 && Some(**n) != keep).map(|(n, _)| *n).collect()
@@ -154,6 +169,8 @@ mod tests {
         ix.add("d", Kind::Snapshot, Epoch(1), 2, loc(4, 0));
         ix.add("d", Kind::Snapshot, Epoch(1), 3, loc(5, 0));
         assert_eq!(ix.dead_segments(None), vec![1, 4]);
+        assert_eq!(ix.live_in(5), vec![("d".into(), loc(5, 0))]);
+        assert_eq!((ix.segments[&2].live, ix.segments[&2].live_bytes), (1, 10));
         let d = &ix.docs["d"];
         assert_eq!((d.seq, d.oldest(), d.snapshot.map(|s| s.0)), (3, 2, Some(3)));
     }

@@ -99,6 +99,8 @@ pub struct LogStore {
     flusher: Cell<Option<Waker>>,
     waiters: RefCell<Vec<Waker>>,
     closing: Cell<bool>,
+    /// A segment whose live records are being copied forward.
+    compacting: Cell<Option<u64>>,
 }
 
 impl LogStore {
@@ -123,6 +125,7 @@ impl LogStore {
             flusher: Cell::new(None),
             waiters: RefCell::new(Vec::new()),
             closing: Cell::new(false),
+            compacting: Cell::new(None),
         }
     }
 
@@ -266,6 +269,61 @@ impl LogStore {
         self.stored.set(batch.last);
         self.wake_waiters();
         self.delete_dead_segments().await;
+        self.copy_forward().await;
+    }
+
+    /// Compaction of a sealed segment mostly dead: its live records (a few
+    /// documents that have not changed for a while) are copied into the
+    /// segment being written, so the whole old segment can be deleted once
+    /// the copies are stored. One segment at a time, less than half of it
+    /// copied: the copying costs at most as much as the writing that made
+    /// the segment mostly dead.
+    async fn copy_forward(&self) {
+        if self.closing.get() || self.compacting.get().is_some_and(|n| self.index.borrow().segments.contains_key(&n)) {
+            return;
+        }
+        self.compacting.set(None);
+        let head = self.head.borrow().as_ref().map(|h| h.n);
+        let candidate = self
+            .index
+            .borrow()
+            .segments
+            .iter()
+            .find(|(n, s)| Some(**n) != head && s.core == self.core && s.bytes > 0 && s.live_bytes * 2 < s.bytes)
+            .map(|(n, _)| *n);
+        let Some(n) = candidate else { return };
+        let live = self.index.borrow().live_in(n);
+        let locs: Vec<Loc> = live.iter().map(|(_, l)| *l).collect();
+        let records = match self.read_raw(&locs).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(core = self.core, segment = n, error = %e, "compaction could not read a segment");
+                return;
+            }
+        };
+        if self.refusal().is_some() {
+            return;
+        }
+        self.compacting.set(Some(n));
+        let mut batch = self.batch.borrow_mut();
+        for raw in &records {
+            let Ok((r, _)) = record::decode(raw) else { continue };
+            let at = batch.bytes.len();
+            batch.bytes.extend_from_slice(raw);
+            let meta = Meta {
+                document: r.document.into(),
+                kind: r.kind,
+                epoch: Epoch(r.epoch),
+                seq: r.seq,
+                at,
+                len: raw.len() as u32,
+            };
+            batch.metas.push(meta);
+            let t = self.appended.get() + 1;
+            self.appended.set(t);
+            batch.last = t;
+        }
+        debug!(core = self.core, segment = n, records = records.len(), "compaction: copying live records forward");
     }
 
     async fn failed_batch(&self, last: Ticket, e: std::io::Error) {
@@ -274,6 +332,7 @@ impl LogStore {
         let queued = std::mem::take(&mut *self.batch.borrow_mut());
         let failed = queued.last.max(last);
         self.failed.set(failed);
+        self.compacting.set(None);
         let reason = e.to_string();
         error!(core = self.core, error = %reason, failed_records = failed - self.stored.get(), "log write failed; refusing operations for now");
         *self.refusing.borrow_mut() = Some((Instant::now() + RETRY_AFTER, reason));
@@ -320,6 +379,15 @@ impl LogStore {
 
     /// Reads whole records (checked) and returns each one's data.
     async fn read_records(&self, locs: &[Loc]) -> Result<Vec<Box<[u8]>>, StoreError> {
+        let raw = self.read_raw(locs).await?;
+        Ok(raw
+            .iter()
+            .map(|bytes| record::decode(bytes).map(|(r, _)| r.data.into()).expect("checked by read_raw"))
+            .collect())
+    }
+
+    /// Reads whole records, each checked.
+    async fn read_raw(&self, locs: &[Loc]) -> Result<Vec<Box<[u8]>>, StoreError> {
         let mut out = Vec::with_capacity(locs.len());
         let mut i = 0;
         while i < locs.len() {
@@ -346,10 +414,10 @@ impl LogStore {
                 let bytes = span.get(at..at + l.len as usize).ok_or_else(|| {
                     StoreError::Read(format!("segment {} is shorter than its index ({})", l.segment, l.offset))
                 })?;
-                let (r, _) = record::decode(bytes).map_err(|d| {
+                record::decode(bytes).map_err(|d| {
                     StoreError::Read(format!("segment {} offset {}: damaged record ({d:?})", l.segment, l.offset))
                 })?;
-                out.push(r.data.into());
+                out.push(bytes.into());
             }
             i = j;
         }

@@ -93,6 +93,7 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
     files.sort();
     let mut report = Report { segments: files.len(), ..Report::default() };
     let mut index = Index::new(window);
+    let mut found = Found::new(window);
     let mut paths: HashMap<u64, PathBuf> = HashMap::new();
     for (n, core, path) in &files {
         let bytes = std::fs::read(path).map_err(io)?;
@@ -126,7 +127,7 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
                 Scanned::Record { at, len, record } => {
                     report.records += 1;
                     let loc = Loc { segment: *n, offset: at, len: len as u32 };
-                    index.add(record.document, record.kind, Epoch(record.epoch), record.seq, loc);
+                    found.add(record.document, record.kind, Epoch(record.epoch), record.seq, loc);
                 }
                 Scanned::Damage { at, why, resumed } => {
                     report.damaged += 1;
@@ -152,6 +153,7 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
             index.segments.get_mut(n).expect("listed").bytes = valid_end;
         }
     }
+    found.finish(&mut index);
     let mut next_segment = files.last().map_or(1, |(n, _, _)| n + 1);
     report.documents = index.docs.len();
 
@@ -225,6 +227,71 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
     Ok(Recovered { cores: per_core, next_segment, report, lock })
 }
 
+/// The records found for each document, in any order: a document's records
+/// are not in seq order on disk once some were copied (compaction copies a
+/// segment's live records behind newer ones; a change of cores copies
+/// documents into new segments). The latest copy of a record wins.
+struct Found {
+    window: usize,
+    docs: HashMap<Box<str>, FoundDoc>,
+}
+
+#[derive(Default)]
+struct FoundDoc {
+    ops: std::collections::BTreeMap<u64, (Epoch, Loc)>,
+    snapshot: Option<(u64, Epoch, Loc)>,
+}
+
+impl Found {
+    fn new(window: usize) -> Found {
+        Found { window: window.max(1), docs: HashMap::new() }
+    }
+
+    fn add(&mut self, document: &str, kind: record::Kind, epoch: Epoch, seq: u64, loc: Loc) {
+        let d = match self.docs.get_mut(document) {
+            Some(d) => d,
+            None => self.docs.entry(document.into()).or_default(),
+        };
+        match kind {
+            record::Kind::Op => {
+                d.ops.insert(seq, (epoch, loc));
+                // Only the last `window` seqs can be kept: bound the memory
+                // a long log takes while it is read.
+                if d.ops.len() > 2 * self.window + 64 {
+                    let max = *d.ops.keys().next_back().expect("not empty");
+                    d.ops = d.ops.split_off(&(max + 1).saturating_sub(self.window as u64));
+                }
+            }
+            record::Kind::Snapshot => {
+                if d.snapshot.is_none_or(|(s, _, _)| seq >= s) {
+                    d.snapshot = Some((seq, epoch, loc));
+                }
+            }
+        }
+    }
+
+    /// Adds each document's live records to `index`: the contiguous run of
+    /// operations ending at its highest seq (at most `window`), and its
+    /// latest snapshot.
+    fn finish(self, index: &mut Index) {
+        for (doc, d) in self.docs {
+            let mut run: Vec<(u64, Epoch, Loc)> = Vec::new();
+            for (&seq, &(epoch, loc)) in d.ops.iter().rev() {
+                if run.len() == self.window || run.last().is_some_and(|(s, _, _)| *s != seq + 1) {
+                    break;
+                }
+                run.push((seq, epoch, loc));
+            }
+            for (seq, epoch, loc) in run.into_iter().rev() {
+                index.add(&doc, record::Kind::Op, epoch, seq, loc);
+            }
+            if let Some((seq, epoch, loc)) = d.snapshot {
+                index.add(&doc, record::Kind::Snapshot, epoch, seq, loc);
+            }
+        }
+    }
+}
+
 /// Writes one segment with blocking I/O (recovery only): header, records,
 /// zero padding to the block, then `fdatasync`.
 struct SegmentWriter {
@@ -262,6 +329,22 @@ impl SegmentWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_found_out_of_order_rebuild_the_history() {
+        let loc = |segment, offset| Loc { segment, offset, len: 1 };
+        let mut found = Found::new(100);
+        // Newer records first, then copies of older ones behind them.
+        for (seq, off) in [(5, 0), (6, 1), (1, 2), (2, 3), (3, 4), (4, 5)] {
+            found.add("d", record::Kind::Op, Epoch(1), seq, loc(2, off));
+        }
+        found.add("d", record::Kind::Op, Epoch(1), 3, loc(3, 0));
+        let mut index = Index::new(100);
+        found.finish(&mut index);
+        let d = &index.docs["d"];
+        assert_eq!((d.seq, d.oldest()), (6, 1));
+        assert_eq!(d.ops[2], loc(3, 0), "the later copy wins");
+    }
 
     #[test]
     fn names_round_trip() {
