@@ -1080,6 +1080,56 @@ fn compaction_keeps_disk_use_proportional_to_the_history_window() {
     proc.assert_no_panic();
 }
 
+/// Documents that stop changing do not pin old segments: their few live
+/// records are copied forward, and the segments they were in are deleted.
+#[test]
+fn documents_that_stop_changing_do_not_pin_old_segments() {
+    const SEGMENT: u64 = 65_536;
+    const PAYLOAD: usize = 600;
+    const QUIET: u64 = 20;
+    let tmp = TempDir::new("copy-forward");
+    let (config, data) =
+        durable_config(&tmp, &format!("fsync = \"batch\"\nsegment_bytes = {SEGMENT}"), "history_ops = 5");
+    let payload = |tag: &str, seq: u64| sized_payload(&format!("{tag}-{seq}"), PAYLOAD);
+    let mut proc = Proc::serve(&config, "0");
+    let mut busy = proc.client("busy", "writer");
+    busy.join();
+    let mut seq = 0;
+    // Each quiet document gets two operations, then a segment's worth of
+    // the busy one's: every quiet document lands in a segment of its own.
+    for q in 0..QUIET {
+        let doc = format!("quiet-{q}");
+        let mut c = proc.client(&doc, "writer");
+        c.join();
+        c.write_ops(1, &[payload(&doc, 1), payload(&doc, 2)]);
+        c.close();
+        busy.write_ops(seq + 1, &(seq + 1..=seq + 110).map(|s| payload("busy", s)).collect::<Vec<_>>());
+        seq += 110;
+    }
+    let written = (QUIET * 2 + seq) * PAYLOAD as u64;
+    let pinned = QUIET * SEGMENT;
+    assert!(written > pinned, "{written}");
+    // Without compaction the quiet documents would pin about `pinned` bytes.
+    let bound = 8 * SEGMENT;
+    let compacted = poll(PATIENCE, || dir_bytes(&data) < bound);
+    assert!(compacted, "{} bytes on disk, bound {bound}:\n{}", dir_bytes(&data), listing(&data));
+    drop(busy);
+    proc.kill();
+
+    // Every quiet document's history survived the copying.
+    let proc = Proc::serve(&config, "0");
+    for q in 0..QUIET {
+        let doc = format!("quiet-{q}");
+        let mut c = proc.client(&doc, "reader");
+        assert_eq!(c.join()["seq"], 2, "{doc}");
+        let sync = c.sync(0);
+        assert_ops(&sync.ops, 1, 2, |s| payload(&doc, s), &doc);
+    }
+    let mut c = proc.client("busy", "reader");
+    assert_eq!(c.join()["seq"], seq);
+    proc.assert_no_panic();
+}
+
 // ---------------------------------------------------------------------------
 // 7. Idle unload and reload
 
