@@ -662,6 +662,35 @@ fn kill_9_keeps_every_acked_operation_fsync_always() {
 
 /// Writes operations 1..=n of `doc` one at a time (each acked), then
 /// kill -9s the relay.
+/// `fsync = "never"`: acknowledged at once, written within `batch_ms`. Once
+/// the write happened (the last payload is in the segment), a kill -9 loses
+/// nothing, and the next start resumes after it.
+#[test]
+fn fsync_never_keeps_what_was_written_before_a_kill_9() {
+    const N: u64 = 200;
+    let tmp = TempDir::new("never");
+    let (config, data) = durable_config(&tmp, "fsync = \"never\"\nbatch_ms = 5", "");
+    let doc = "never";
+    let mut proc = Proc::serve(&config, "0");
+    let mut c = proc.client(doc, "writer");
+    assert_eq!(c.join()["seq"], 0);
+    c.write_ops(1, &(1..=N).map(|s| plain_payload(doc, s)).collect::<Vec<_>>());
+    let last = plain_payload(doc, N);
+    let written = poll(PATIENCE, || {
+        let bytes = std::fs::read(newest_segment(&data, 0)).unwrap_or_default();
+        bytes.windows(last.len()).any(|w| w == last.as_bytes())
+    });
+    assert!(written, "the last operation never reached the segment:\n{}", listing(&data));
+    proc.kill();
+    drop(c);
+    let proc = Proc::serve(&config, "0");
+    let mut c = proc.client(doc, "reader");
+    assert_eq!(c.join()["seq"], N);
+    assert_ops(&c.sync(0).ops, 1, N, |s| plain_payload(doc, s), "after kill -9");
+    assert_eq!(c.ack(&plain_payload(doc, N + 1), "next"), N + 1);
+    proc.assert_no_panic();
+}
+
 fn write_then_kill(config: &str, doc: &str, n: u64) {
     let mut proc = Proc::serve(config, "0");
     let mut c = proc.client(doc, "writer");
