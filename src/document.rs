@@ -218,6 +218,12 @@ impl DocumentHub {
         seq
     }
 
+    /// Takes back the seq just assigned (its record was refused at once).
+    pub fn unassign_last(&self, seq: u64) {
+        assert_eq!(seq, self.assigned.get(), "only the last assigned seq can be taken back");
+        self.assigned.set(seq - 1);
+    }
+
     /// Forgets every assigned seq not yet published (their records failed).
     pub fn unassign(&self) {
         self.assigned.set(self.seq());

@@ -218,14 +218,13 @@ fn operation(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(),
     let ticket = match shard.store.append(&hub.id, hub.epoch, Kind::Op, seq, frame.payload()) {
         Ok(t) => t,
         Err(e) => {
-            hub.unassign();
+            hub.unassign_last(seq);
             shard.stats().store_refusals.add(1);
             session.send_text(shard, encode::op_error(ErrorCode::Unavailable, &e.to_string(), client_op_id));
             return Ok(());
         }
     };
     hub.last_ticket.set(ticket);
-    shard.stats().operations.add(1);
     let what = Committed::Op { seq, frame, client_op_id: client_op_id.map(Into::into) };
     commit_or_defer(shard, session, hub, ticket, what);
     Ok(())
@@ -244,6 +243,7 @@ fn commit_or_defer(shard: &Shard, session: &Session, hub: Rc<DocumentHub>, ticke
 fn publish(shard: &Shard, session: &Session, hub: &DocumentHub, what: Committed) {
     match what {
         Committed::Op { seq, frame, client_op_id } => {
+            shard.stats().operations.add(1);
             shard.stats().broadcasts.add(1);
             hub.publish_op(seq, session.info.id, frame);
             session.send_text(shard, encode::ack(seq, client_op_id.as_deref()));

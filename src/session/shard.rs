@@ -298,11 +298,13 @@ impl Shard {
     fn unload_idle_documents(&self, now: Instant) {
         let after = Config::ms(self.config.documents.idle_unload_ms);
         let before = self.documents.borrow().len();
-        let stored = self.store.stored();
+        // Written, not only stored: with fsync = "never" a record counts as
+        // stored before it is written, and a reload must find it.
+        let written = self.store.written();
         self.documents.borrow_mut().retain(|_, hub| {
             hub.subscriber_count() > 0
                 || hub.storing()
-                || hub.last_ticket.get() > stored
+                || hub.last_ticket.get() > written
                 || hub.empty_since.get().is_none_or(|t| now - t < after)
         });
         let unloaded = before - self.documents.borrow().len();

@@ -133,16 +133,16 @@ impl Index {
                 }
             },
         }
-    }
-
-    /// The live records of a segment, with their documents.
-    pub fn live_in(&self, segment: u64) -> Vec<(Box<str>, Loc)> {
-        let mut out = Vec::new();
-        for (doc, d) in &self.docs {
-            out.extend(d.locs().filter(|l| l.segment == segment).map(|l| (doc.clone(), l)));
+        // A snapshot ahead of every operation left (they were lost to
+        // damage): the document resumes after the snapshot, never before.
+        if let Some((s, _)) = doc.snapshot {
+            if s > doc.seq {
+                for old in doc.ops.drain(..) {
+                    Self::release(segments, old);
+                }
+                doc.seq = s;
+            }
         }
-        out.sort_by_key(|(_, l)| l.offset);
-        out
     }
 
     /// Segments with no live record, other than `keep`.
@@ -169,7 +169,6 @@ mod tests {
         ix.add("d", Kind::Snapshot, Epoch(1), 2, loc(4, 0));
         ix.add("d", Kind::Snapshot, Epoch(1), 3, loc(5, 0));
         assert_eq!(ix.dead_segments(None), vec![1, 4]);
-        assert_eq!(ix.live_in(5), vec![("d".into(), loc(5, 0))]);
         assert_eq!((ix.segments[&2].live, ix.segments[&2].live_bytes), (1, 10));
         let d = &ix.docs["d"];
         assert_eq!((d.seq, d.oldest(), d.snapshot.map(|s| s.0)), (3, 2, Some(3)));
@@ -188,6 +187,15 @@ mod tests {
         let d = &ix.docs["d"];
         assert_eq!((d.seq, d.oldest()), (7, 7));
         assert_eq!(ix.dead_segments(None), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_snapshot_ahead_of_the_operations_left_sets_the_seq() {
+        let mut ix = Index::new(10);
+        ix.add("d", Kind::Op, Epoch(1), 1, loc(1, 0));
+        ix.add("d", Kind::Snapshot, Epoch(1), 5, loc(1, 1));
+        let d = &ix.docs["d"];
+        assert_eq!((d.seq, d.oldest()), (5, 6));
     }
 
     #[test]

@@ -63,6 +63,9 @@ struct Batch {
     metas: Vec<Meta>,
     /// Ticket of the last record in the batch.
     last: Ticket,
+    /// When its first record was appended: no record waits for its group
+    /// commit longer than `batch_ms` from then.
+    first_at: Option<Instant>,
 }
 
 /// The segment being written.
@@ -101,6 +104,8 @@ pub struct LogStore {
     closing: Cell<bool>,
     /// A segment whose live records are being copied forward.
     compacting: Cell<Option<u64>>,
+    /// Segments compaction could not read (left as they are).
+    unreadable: RefCell<std::collections::HashSet<u64>>,
 }
 
 impl LogStore {
@@ -126,6 +131,7 @@ impl LogStore {
             waiters: RefCell::new(Vec::new()),
             closing: Cell::new(false),
             compacting: Cell::new(None),
+            unreadable: RefCell::new(Default::default()),
         }
     }
 
@@ -158,12 +164,16 @@ impl LogStore {
             if !more {
                 return;
             }
-            let wait = self.fsync != Fsync::Always
-                && !self.closing.get()
-                && self.batch.borrow().bytes.len() < FLUSH_NOW_BYTES
-                && !self.batch_wait.is_zero();
-            if wait {
-                glommio::timer::sleep(self.batch_wait).await;
+            // Wait out the rest of the oldest record's `batch_ms` (already
+            // over when it arrived during the previous write).
+            let due = self.batch.borrow().first_at.map(|t| t + self.batch_wait);
+            let wait =
+                self.fsync != Fsync::Always && !self.closing.get() && self.batch.borrow().bytes.len() < FLUSH_NOW_BYTES;
+            if let (true, Some(due)) = (wait, due) {
+                let left = due.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    glommio::timer::sleep(left).await;
+                }
             }
             let batch = std::mem::take(&mut *self.batch.borrow_mut());
             match self.write(&batch).await {
@@ -289,15 +299,22 @@ impl LogStore {
             .borrow()
             .segments
             .iter()
-            .find(|(n, s)| Some(**n) != head && s.core == self.core && s.bytes > 0 && s.live_bytes * 2 < s.bytes)
+            .find(|(n, s)| {
+                Some(**n) != head
+                    && s.core == self.core
+                    && s.bytes > 0
+                    && s.live_bytes * 2 < s.bytes
+                    && !self.unreadable.borrow().contains(n)
+            })
             .map(|(n, _)| *n);
         let Some(n) = candidate else { return };
-        let live = self.index.borrow().live_in(n);
+        let live = self.live_in(n).await;
         let locs: Vec<Loc> = live.iter().map(|(_, l)| *l).collect();
         let records = match self.read_raw(&locs).await {
             Ok(r) => r,
             Err(e) => {
-                warn!(core = self.core, segment = n, error = %e, "compaction could not read a segment");
+                warn!(core = self.core, segment = n, error = %e, "compaction could not read a segment; leaving it");
+                self.unreadable.borrow_mut().insert(n);
                 return;
             }
         };
@@ -341,7 +358,11 @@ impl LogStore {
         // write starts a new one.
         let head = self.head.borrow_mut().take();
         if let Some(h) = head {
-            if let Err(e) = h.file.truncate(h.len).await {
+            let cut = async {
+                h.file.truncate(h.len).await?;
+                h.file.fdatasync().await
+            };
+            if let Err(e) = cut.await {
                 warn!(core = self.core, segment = h.n, error = %e, "could not cut the segment back after a failed write");
             }
             self.delete_dead_segments().await;
@@ -363,6 +384,27 @@ impl LogStore {
                 }
             }
         }
+    }
+
+    /// The live records of segment `n`, by offset. Walks the core's index in
+    /// slices, letting other tasks run between them: a large index must not
+    /// stall the core.
+    async fn live_in(&self, n: u64) -> Vec<(Box<str>, Loc)> {
+        let docs: Vec<Box<str>> = self.index.borrow().docs.keys().cloned().collect();
+        let mut out = Vec::new();
+        for chunk in docs.chunks(1024) {
+            {
+                let index = self.index.borrow();
+                for doc in chunk {
+                    if let Some(d) = index.docs.get(doc) {
+                        out.extend(d.locs().filter(|l| l.segment == n).map(|l| (doc.clone(), l)));
+                    }
+                }
+            }
+            glommio::yield_if_needed().await;
+        }
+        out.sort_by_key(|(_, l)| l.offset);
+        out
     }
 
     async fn reader(&self, segment: u64) -> Result<Rc<BufferedFile>, StoreError> {
@@ -452,6 +494,9 @@ impl HistoryStore for LogStore {
             return Err(StoreError::Unavailable("the disk is not keeping up (too many records queued)".into()));
         }
         let at = batch.bytes.len();
+        if at == 0 {
+            batch.first_at = Some(Instant::now());
+        }
         record::encode(&mut batch.bytes, kind, epoch.0, seq, document, data);
         let len = (batch.bytes.len() - at) as u32;
         batch.metas.push(Meta { document: document.into(), kind, epoch, seq, at, len });
@@ -474,6 +519,10 @@ impl HistoryStore for LogStore {
 
     fn failed(&self) -> Ticket {
         self.failed.get()
+    }
+
+    fn written(&self) -> Ticket {
+        self.stored.get()
     }
 
     fn wait(&self, ticket: Ticket) -> LocalFuture<'_, Result<(), StoreError>> {

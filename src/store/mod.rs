@@ -113,6 +113,11 @@ pub trait HistoryStore {
     /// Tickets above `stored()` up to this one failed and never will be.
     fn failed(&self) -> Ticket;
 
+    /// Every ticket up to this one is written where a load would read it
+    /// (differs from `stored()` with `fsync = "never"`, where a record counts
+    /// as stored before it is written).
+    fn written(&self) -> Ticket;
+
     /// Resolves when `stored() >= ticket` (`Ok`), or when a failure dropped
     /// every record after `stored()` (`Err`: they will never be stored).
     fn wait(&self, ticket: Ticket) -> LocalFuture<'_, Result<(), StoreError>>;
@@ -157,6 +162,10 @@ impl HistoryStore for MemoryStore {
 
     fn failed(&self) -> Ticket {
         0
+    }
+
+    fn written(&self) -> Ticket {
+        self.tickets.get()
     }
 
     fn wait(&self, _ticket: Ticket) -> LocalFuture<'_, Result<(), StoreError>> {

@@ -195,6 +195,9 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
         next_segment += 1;
     }
 
+    // The moved documents' new segments are in the directory for good
+    // before the originals can go.
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     // Compaction of what recovery made dead.
     for n in index.dead_segments(None) {
         std::fs::remove_file(&paths[&n]).map_err(io)?;
