@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks the layering of the product crate (docs/architecture.md, "Layers").
+"""Checks the layering of the product crate (docs/architecture.md, "The layers").
 
 src/lib.rs declares the top-level modules bottom layer first. A module may use
 (`crate::m`, `crate::{m, ...}`) only modules declared before it, so every
