@@ -4,16 +4,19 @@
 # prints one table with both and their ratio. Every run's JSON lands in target/bench/.
 #
 #   scripts/bench.sh                     all scenarios, 3 runs each (medians reported)
-#   scripts/bench.sh --scenarios fanout  only some: fanout,rooms,storm,idle
+#   scripts/bench.sh --scenarios fanout  only some: fanout,rooms,storm,idle,durable
 #   scripts/bench.sh --runs 1 --quick    shorter windows, for a smoke test
+#   scripts/bench.sh --scenarios durable the cost of durable storage (docrelay only)
 #
 # Options:
 #   --relay-cpus LIST   CPUs for the server under test (default: 0); docrelay gets one
 #                       executor per CPU, the baseline as many worker threads
 #   --load-cpu N        CPU for the load generator (default: 1)
 #   --runs N            runs per scenario and server (default: 3)
-#   --servers LIST      docrelay,baseline (default: both)
-#   --scenarios LIST    fanout,rooms,storm,idle (default: all)
+#   --servers LIST      docrelay,baseline (default: both; durable runs docrelay only)
+#   --scenarios LIST    fanout,rooms,storm,idle,durable (default: fanout,rooms,storm,idle;
+#                       durable is not in the default set: its 8 searches for a maximum
+#                       take longer than all the others together)
 #   --quick             shorter measurement windows
 #
 # Scenarios (see README "Performance"):
@@ -25,6 +28,18 @@
 #   storm   10,000 clients connect, authenticate and join as fast as possible: sessions/s
 #   idle    20,000 joined idle clients: server RSS per connection (fewer where
 #           `ulimit -n` cannot be raised that far; the script says so)
+#   durable docrelay only, in four storage modes in the same run: memory only (no
+#           [storage]), fsync = "never", "batch" (batch_ms = 2) and "always", each with a
+#           fresh storage directory under target/bench/ (removed after the run), on two
+#           shapes: rooms (1000 documents x 5 senders, 256 B, no subscribers, from
+#           5000 ops/s) and fanout (1 document, 1 sender, 100 subscribers, 1 KiB, from
+#           500 ops/s). --find-max raises the rate x1.5 per step until delivery < 99%,
+#           delivery p99 > 50 ms or ack p99 > 5 ms (an ack is sent once the operation
+#           is durable), then bisects three times: the maximum sustained operations/s,
+#           ack p50/p99 there, and the share of memory-only's maximum in the same
+#           shape. A mode whose first step already fails is searched again from an
+#           eighth of the starting rate; a mode the relay refuses to start with is
+#           reported as such and the others go on. Summary: target/bench/durable-summary.json
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -42,7 +57,7 @@ while [ $# -gt 0 ]; do
         --servers) SERVERS=$2; shift 2 ;;
         --scenarios) SCENARIOS=$2; shift 2 ;;
         --quick) QUICK=1; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -78,16 +93,28 @@ stop_server() {
     fi
     SERVER_PID=
 }
-trap stop_server EXIT
+# The durable scenario's storage directory of the run in progress.
+DURABLE_TMP=
+cleanup() {
+    stop_server
+    if [ -n "$DURABLE_TMP" ]; then rm -rf "$DURABLE_TMP"; fi
+}
+trap cleanup EXIT
 
-# Starts a server pinned to RELAY_CPUS; sets SERVER_PID and SERVER_ADDR.
+# Starts a server pinned to RELAY_CPUS; sets SERVER_PID and SERVER_ADDR. An
+# optional second argument is a configuration file for docrelay (`--config`).
+# Returns 1 (with the server's log on stderr and the reason in SERVER_ERROR)
+# if it exits or never listens.
 start_server() {
-    local which=$1 logf=$OUT/server.log
+    local which=$1 config=${2:-} logf=$OUT/server.log
+    local config_args=()
+    [ -z "$config" ] || config_args=(--config "$config")
     : > "$logf"
+    SERVER_ERROR=
     case $which in
         docrelay)
             NO_COLOR=1 RUST_LOG=warn,docrelay::runtime=info taskset -c "$RELAY_CPUS" \
-                "$BIN/docrelay" serve --listen 127.0.0.1:0 --cores "$RELAY_CPUS" 2> "$logf" &
+                "$BIN/docrelay" serve "${config_args[@]}" --listen 127.0.0.1:0 --cores "$RELAY_CPUS" 2> "$logf" &
             ;;
         baseline)
             NO_COLOR=1 taskset -c "$RELAY_CPUS" \
@@ -99,10 +126,24 @@ start_server() {
     for _ in $(seq 100); do
         SERVER_ADDR=$(grep -o 'listening on [0-9.:]*' "$logf" | head -1 | awk '{print $3}') || true
         [ -n "$SERVER_ADDR" ] && break
-        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$logf" >&2; log "$which exited"; exit 1; }
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            wait "$SERVER_PID" 2>/dev/null || true
+            SERVER_PID=
+            SERVER_ERROR=$( (grep -m1 '^docrelay: ' "$logf" || tail -n 1 "$logf") | cut -c1-400)
+            SERVER_ERROR=${SERVER_ERROR:-exited without a message}
+            cat "$logf" >&2
+            log "$which exited"
+            return 1
+        fi
         sleep 0.1
     done
-    [ -n "$SERVER_ADDR" ] || { cat "$logf" >&2; log "$which never listened"; exit 1; }
+    if [ -z "$SERVER_ADDR" ]; then
+        cat "$logf" >&2
+        log "$which never listened"
+        SERVER_ERROR="never printed 'listening on' within 10 s"
+        stop_server
+        return 1
+    fi
 }
 
 if [ "$QUICK" = 1 ]; then DUR=2; WARM=0.5; else DUR=5; WARM=1; fi
@@ -116,10 +157,21 @@ scenario_args() {
     esac
 }
 
+# durable has its own loop and summary (below); the others share this one.
+MAIN_SCENARIOS=
+DURABLE=0
 for scenario in ${SCENARIOS//,/ }; do
+    case $scenario in
+        durable) DURABLE=1 ;;
+        fanout|rooms|storm|idle) MAIN_SCENARIOS=${MAIN_SCENARIOS:+$MAIN_SCENARIOS,}$scenario ;;
+        *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+    esac
+done
+
+for scenario in ${MAIN_SCENARIOS//,/ }; do
     for server in ${SERVERS//,/ }; do
         for run in $(seq "$RUNS"); do
-            start_server "$server"
+            start_server "$server" || exit 1
             json=$OUT/$scenario-$server-$run.json
             log "$scenario / $server / run $run on $SERVER_ADDR (server CPUs $RELAY_CPUS, load CPU $LOAD_CPU)"
             # shellcheck disable=SC2046
@@ -131,7 +183,8 @@ for scenario in ${SCENARIOS//,/ }; do
     done
 done
 
-python3 - "$OUT" "$RUNS" "$SCENARIOS" "$SERVERS" "$RELAY_CPUS" "$LOAD_CPU" <<'PY'
+if [ -n "$MAIN_SCENARIOS" ]; then
+python3 - "$OUT" "$RUNS" "$MAIN_SCENARIOS" "$SERVERS" "$RELAY_CPUS" "$LOAD_CPU" <<'PY'
 import json, os, statistics, sys, platform, datetime
 out, runs, scenarios, servers, relay_cpus, load_cpu = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(','), sys.argv[4].split(','), sys.argv[5], sys.argv[6]
 
@@ -179,4 +232,165 @@ for s, label, d, b, r in rows:
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 print(f"\nJSON: {out}/summary.json and {out}/<scenario>-<server>-<run>.json")
+PY
+fi
+
+[ "$DURABLE" = 1 ] || exit 0
+
+# ---------------------------------------------------------------------------
+# durable: docrelay in four storage modes x two shapes, find-max with an ack
+# latency bound; run by run, every (shape, mode) in turn, so that a drift of
+# the machine during the run touches all modes alike.
+
+DURABLE_SHAPES="rooms fanout"
+DURABLE_MODES="memory never batch always"
+ACK_P99_MS=5
+
+durable_args() { # shape start-rate
+    local common="--find-max --rate $2 --step 1.5 --refine 3 --max-ack-p99-ms $ACK_P99_MS --duration $DUR --warmup $WARM"
+    case $1 in
+        rooms) echo "--docs 1000 --subs 0 --senders 5 --payload 256 $common" ;;
+        fanout) echo "--docs 1 --subs 100 --senders 1 --payload 1024 $common" ;;
+    esac
+}
+durable_start_rate() { case $1 in rooms) echo 5000 ;; fanout) echo 500 ;; esac; }
+
+# Writes the configuration of a storage mode into a fresh directory (set as
+# DURABLE_TMP) and prints its path; memory-only has none.
+durable_config() { # mode
+    [ "$1" = memory ] && return 0
+    DURABLE_TMP=$(mktemp -d "$PWD/$OUT/durable-tmp.XXXXXX") || return 1
+    mkdir "$DURABLE_TMP/data" || return 1
+    {
+        echo "[storage]"
+        echo "dir = \"$DURABLE_TMP/data\""
+        echo "fsync = \"$1\""
+        [ "$1" = batch ] && echo "batch_ms = 2"
+    } > "$DURABLE_TMP/docrelay.toml"
+    echo "$DURABLE_TMP/docrelay.toml"
+}
+
+# One find-max of (shape, mode) from a starting rate on a fresh relay (and a
+# fresh storage directory). Returns 1 if the relay did not start (the reason
+# is then in SERVER_ERROR), 0 otherwise.
+durable_attempt() { # shape mode run rate json
+    local shape=$1 mode=$2 run=$3 rate=$4 json=$5 config
+    if ! config=$(durable_config "$mode") || { [ "$mode" != memory ] && [ -z "$config" ]; }; then
+        SERVER_ERROR="cannot write a storage directory and configuration under $OUT"
+        return 1
+    fi
+    if [ -n "$config" ]; then DURABLE_TMP=$(dirname "$config"); fi
+    if ! start_server docrelay "$config"; then
+        if [ -n "$DURABLE_TMP" ]; then rm -rf "$DURABLE_TMP"; DURABLE_TMP=; fi
+        return 1
+    fi
+    log "durable / $shape / $mode / run $run from $rate ops/s on $SERVER_ADDR (server CPUs $RELAY_CPUS, load CPU $LOAD_CPU${config:+, storage in $DURABLE_TMP/data})"
+    # shellcheck disable=SC2046
+    taskset -c "$LOAD_CPU" "$BIN/docrelay-load" --addr "$SERVER_ADDR" --cpu "$LOAD_CPU" \
+        --relay-pid "$SERVER_PID" --relay-cpus "$RELAY_CPUS" --label "durable-$shape-$mode" \
+        --doc-prefix "durable$run$shape$mode$rate" --json "$json" $(durable_args "$shape" "$rate") >&2 \
+        || log "load generator failed (durable/$shape/$mode/$run)"
+    stop_server
+    if [ -n "$DURABLE_TMP" ]; then rm -rf "$DURABLE_TMP"; DURABLE_TMP=; fi
+    return 0
+}
+
+FS_TYPE=$(stat -f -c %T "$OUT" 2>/dev/null || echo unknown)
+log "durable: storage directories under $OUT ($FS_TYPE)"
+for run in $(seq "$RUNS"); do
+    for shape in $DURABLE_SHAPES; do
+        for mode in $DURABLE_MODES; do
+            json=$OUT/durable-$shape-$mode-$run.json
+            err=$OUT/durable-$shape-$mode-$run.error
+            rm -f "$json" "$err"
+            rate=$(durable_start_rate "$shape")
+            if ! durable_attempt "$shape" "$mode" "$run" "$rate" "$json"; then
+                log "durable / $shape / $mode / run $run: the relay did not start: $SERVER_ERROR"
+                echo "relay did not start: $SERVER_ERROR" > "$err"
+                continue
+            fi
+            if [ -f "$json" ] && grep -q '"best":null' "$json"; then
+                rate=$((rate / 8))
+                log "durable / $shape / $mode / run $run: no step held; again from $rate ops/s"
+                if ! durable_attempt "$shape" "$mode" "$run" "$rate" "$json"; then
+                    echo "relay did not start: $SERVER_ERROR" > "$err"
+                fi
+            fi
+        done
+    done
+done
+
+python3 - "$OUT" "$RUNS" "$DURABLE_SHAPES" "$DURABLE_MODES" "$RELAY_CPUS" "$LOAD_CPU" "$ACK_P99_MS" "$FS_TYPE" <<'PY'
+import json, os, re, statistics, sys, platform, datetime
+out, runs, relay_cpus, load_cpu = sys.argv[1], int(sys.argv[2]), sys.argv[5], sys.argv[6]
+shapes, modes, ack_bound, fs_type = sys.argv[3].split(), sys.argv[4].split(), float(sys.argv[7]), sys.argv[8]
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+rows, summary = [], {"date": datetime.datetime.utcnow().isoformat() + "Z", "host": platform.node(),
+                     "cpus": os.cpu_count(), "relay_cpus": relay_cpus, "load_cpu": load_cpu, "runs": runs,
+                     "storage_fs": fs_type,
+                     "criteria": {"min_delivery": 0.99, "max_p99_ms": 50, "max_ack_p99_ms": ack_bound},
+                     "shapes": {}}
+for shape in shapes:
+    summary["shapes"][shape] = {}
+    for mode in modes:
+        bests, notes = [], []
+        for r in range(1, runs + 1):
+            base = os.path.join(out, f"durable-{shape}-{mode}-{r}")
+            if os.path.exists(base + ".error"):
+                with open(base + ".error") as f:
+                    # The run's storage directory (gone now) differs per run.
+                    notes.append(re.sub(r'"[^"]*/durable-tmp\.[^"/]*/data"', '"<fresh dir>"', f.read().strip()))
+            elif os.path.exists(base + ".json"):
+                with open(base + ".json") as f:
+                    res = json.load(f)
+                best = res.get("best")
+                if best is None:
+                    # Why: the lowest rate tried and what it measured.
+                    low = min(res.get("steps") or [{}], key=lambda st: st.get("rate", 0))
+                    notes.append("no rate held" + ("" if "rate" not in low else
+                        f" (at {low['rate']:.0f} ops/s: ack p99 {low.get('ack_p99_us', 0) / 1000:.2f} ms, "
+                        f"delivery p99 {low.get('p99_us', 0) / 1000:.2f} ms, "
+                        f"delivered {low.get('delivery_ratio', 0) * 100:.1f}%)"))
+                else:
+                    bests.append(best)
+            else:
+                notes.append("load generator wrote no results")
+        ops = med([b.get("ops_per_sec") for b in bests])
+        p50 = med([b.get("ack_p50_us") for b in bests])
+        p99 = med([b.get("ack_p99_us") for b in bests])
+        summary["shapes"][shape][mode] = {
+            "ops_per_sec": ops,
+            "rate": med([b.get("rate") for b in bests]),
+            "ack_p50_ms": None if p50 is None else p50 / 1000,
+            "ack_p99_ms": None if p99 is None else p99 / 1000,
+            "delivery_p99_ms": (lambda v: None if v is None else v / 1000)(med([b.get("p99_us") for b in bests])),
+            "relay_cpus_busy_pct": med([b.get("relay_cpus_busy_pct") for b in bests]),
+            "runs_measured": len(bests),
+            "notes": sorted(set(notes)),
+        }
+        rows.append((shape, mode))
+    memory = summary["shapes"][shape].get("memory", {}).get("ops_per_sec")
+    for mode in modes:
+        m = summary["shapes"][shape][mode]
+        m["of_memory_only"] = (m["ops_per_sec"] / memory) if (m["ops_per_sec"] is not None and memory) else None
+
+fmt = lambda v, d: "-" if v is None else f"{v:,.{d}f}"
+print(f"\ndurable: medians of {runs} run(s); max sustained operations/s with delivery >= 99%, delivery p99 <= 50 ms "
+      f"and ack p99 <= {ack_bound:g} ms; server on CPU {relay_cpus}, load generator on CPU {load_cpu}; "
+      f"storage on {fs_type}; {platform.node()}, {os.cpu_count()} CPUs")
+print(f"{'shape':<7} {'mode':<7} {'ops/s':>10} {'ack p50 (ms)':>13} {'ack p99 (ms)':>13} {'% of memory-only':>17}  note")
+for shape, mode in rows:
+    m = summary["shapes"][shape][mode]
+    pct = "-" if m["of_memory_only"] is None else f"{m['of_memory_only'] * 100:.0f}%"
+    note = "; ".join(m["notes"])
+    if m["notes"] and m["runs_measured"]:
+        note = f"{m['runs_measured']}/{runs} runs measured; {note}"
+    print(f"{shape:<7} {mode:<7} {fmt(m['ops_per_sec'], 0):>10} {fmt(m['ack_p50_ms'], 2):>13} {fmt(m['ack_p99_ms'], 2):>13} {pct:>17}  {note[:160]}")
+with open(os.path.join(out, "durable-summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+print(f"\nJSON: {out}/durable-summary.json and {out}/durable-<shape>-<mode>-<run>.json")
 PY

@@ -5,7 +5,9 @@
 //! total rate (open loop) or with a window of unacknowledged operations per
 //! sender, counts every delivered broadcast, checks seq order and gaps per
 //! subscriber, and records end-to-end latency (the send time travels inside
-//! the payload) in an HDR histogram.
+//! the payload) in an HDR histogram, and in a second one the ack latency: from
+//! sending an operation to its `ack` on the sender's own connection (acks come
+//! back in order per connection, so each sender keeps a FIFO of send times).
 //!
 //! It must cost less CPU per delivery than the relay it measures, so it is one
 //! thread (pinned with `--cpu`) running a level-triggered epoll loop over
@@ -19,7 +21,7 @@
 //! ready on a busy epoll loop only joins its ready list.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -70,7 +72,8 @@ struct Args {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Raise --rate step by step until delivery < --min-delivery or p99 > --max-p99-ms.
+    /// Raise --rate step by step until delivery < --min-delivery or p99 >
+    /// --max-p99-ms (or, with --max-ack-p99-ms, ack p99 over it).
     #[arg(long)]
     find_max: bool,
     #[arg(long, default_value_t = 1.25)]
@@ -84,6 +87,11 @@ struct Args {
     min_delivery: f64,
     #[arg(long, default_value_t = 50.0)]
     max_p99_ms: f64,
+    /// With --find-max, a step also holds only if the ack p99 is at most this
+    /// many milliseconds and at least --min-delivery of its operations were
+    /// acknowledged (default: acks are not a criterion).
+    #[arg(long)]
+    max_ack_p99_ms: Option<f64>,
     /// Highest rate --find-max tries.
     #[arg(long, default_value_t = 100_000_000.0)]
     max_rate: f64,
@@ -245,6 +253,9 @@ struct Client {
     outstanding: usize,
     /// Open loop: operations sent since `rate_epoch`.
     sent: u64,
+    /// Send times (ns since `base`) of this sender's operations not yet
+    /// acknowledged, oldest first: acks come back in order per connection.
+    unacked: VecDeque<u64>,
 }
 
 /// Everything the measurement needs, on one thread.
@@ -257,9 +268,13 @@ struct Engine {
     base: Instant,
     stats: Stats,
     latency: Histogram<u64>,
+    /// Send to `ack`, for operations sent inside the measurement window.
+    ack_latency: Histogram<u64>,
     record_from: u64,
     record_until: u64,
     window_ops: u64,
+    /// Acks of operations sent inside the measurement window.
+    window_acks: u64,
     scratch: Vec<u8>,
     /// When the bytes being handled were read (ns since `base`): one clock
     /// read per `recv`, not per delivery.
@@ -294,9 +309,11 @@ impl Engine {
             base: Instant::now(),
             stats: Stats::default(),
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            ack_latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             record_from: u64::MAX,
             record_until: u64::MAX,
             window_ops: 0,
+            window_acks: 0,
             scratch: vec![0; 64 * 1024],
             read_at: 0,
             payload: Vec::with_capacity(args.payload + 64),
@@ -371,6 +388,7 @@ impl Engine {
             lag_announced: false,
             outstanding: 0,
             sent: 0,
+            unacked: VecDeque::new(),
         });
         if is_sender {
             self.senders.push(idx);
@@ -565,6 +583,13 @@ impl Engine {
             self.stats.acks += 1;
             let c = &mut self.clients[idx];
             c.outstanding = c.outstanding.saturating_sub(1);
+            if let Some(t) = c.unacked.pop_front() {
+                if t >= self.record_from && t < self.record_until {
+                    self.window_acks += 1;
+                    let micros = self.read_at.saturating_sub(t) / 1000;
+                    let _ = self.ack_latency.record(micros.max(1));
+                }
+            }
             if self.sending && self.args.window.is_some() {
                 self.send_ops(idx);
             }
@@ -583,6 +608,11 @@ impl Engine {
             self.connecting -= 1;
         } else if kind(br#""error""#) {
             self.stats.errors += 1;
+            // A streaming sender sends only operations: an error answers one
+            // of them in place of its ack, which is then never coming.
+            if state == State::Streaming {
+                self.clients[idx].unacked.pop_front();
+            }
         }
     }
 
@@ -595,7 +625,9 @@ impl Engine {
         let count = match self.args.window {
             Some(w) => w.saturating_sub(self.clients[idx].outstanding),
             None => {
-                let due = (self.rate_epoch.elapsed().as_secs_f64() * self.rate_per_sender) as u64;
+                // The first operation is due at the sender's first turn (its
+                // offset in the first period), not one period after it.
+                let due = (self.rate_epoch.elapsed().as_secs_f64() * self.rate_per_sender) as u64 + 1;
                 let c = &mut self.clients[idx];
                 let n = due.saturating_sub(c.sent).min(4096);
                 c.sent += n;
@@ -611,6 +643,7 @@ impl Engine {
             if t >= self.record_from && t < self.record_until {
                 self.window_ops += 1;
             }
+            self.clients[idx].unacked.push_back(t);
             self.payload.clear();
             let _ = write!(self.payload, r#"{{"type":"operation","payload":{{"t":{t}"#);
             self.payload.extend_from_slice(&self.pad);
@@ -807,6 +840,14 @@ struct Step {
     p99_us: u64,
     p999_us: u64,
     max_us: u64,
+    /// Operations sent in the window that were acknowledged, per second.
+    ops_per_sec: f64,
+    /// Acknowledged share of the operations sent in the window.
+    ack_ratio: f64,
+    ack_p50_us: u64,
+    ack_p99_us: u64,
+    ack_p999_us: u64,
+    ack_max_us: u64,
     lagged: u64,
     gaps: u64,
     out_of_order: u64,
@@ -822,7 +863,7 @@ impl Step {
     fn json(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
         format!(
-            r#"{{"rate":{:.0},"ops":{},"acks":{},"deliveries":{},"expected":{},"delivery_ratio":{:.4},"deliveries_per_sec":{:.0},"p50_us":{},"p99_us":{},"p999_us":{},"max_us":{},"lagged":{},"gaps":{},"out_of_order":{},"relay_cpu_pct":{},"load_cpu_pct":{},"relay_cpus_busy_pct":{},"load_cpu_busy_pct":{},"secs":{:.2}}}"#,
+            r#"{{"rate":{:.0},"ops":{},"acks":{},"deliveries":{},"expected":{},"delivery_ratio":{:.4},"deliveries_per_sec":{:.0},"p50_us":{},"p99_us":{},"p999_us":{},"max_us":{},"ops_per_sec":{:.0},"ack_ratio":{:.4},"ack_p50_us":{},"ack_p99_us":{},"ack_p999_us":{},"ack_max_us":{},"lagged":{},"gaps":{},"out_of_order":{},"relay_cpu_pct":{},"load_cpu_pct":{},"relay_cpus_busy_pct":{},"load_cpu_busy_pct":{},"secs":{:.2}}}"#,
             self.rate,
             self.ops,
             self.acks,
@@ -834,6 +875,12 @@ impl Step {
             self.p99_us,
             self.p999_us,
             self.max_us,
+            self.ops_per_sec,
+            self.ack_ratio,
+            self.ack_p50_us,
+            self.ack_p99_us,
+            self.ack_p999_us,
+            self.ack_max_us,
             self.lagged,
             self.gaps,
             self.out_of_order,
@@ -848,7 +895,7 @@ impl Step {
     fn row(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}%"));
         format!(
-            "{:>10.0} {:>12.0} {:>8.2}% {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>7} {:>7} {:>7} {:>7}",
+            "{:>10.0} {:>12.0} {:>8.2}% {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>7} {:>7} {:>7} {:>7} {:>10.0} {:>11} {:>11} {:>12}",
             self.rate,
             self.deliveries_per_sec,
             self.delivery_ratio * 100.0,
@@ -861,13 +908,24 @@ impl Step {
             opt(self.relay_cpu),
             opt(self.relay_busy),
             opt(self.load_cpu),
-            opt(self.load_busy)
+            opt(self.load_busy),
+            self.ops_per_sec,
+            self.ack_p50_us,
+            self.ack_p99_us,
+            self.ack_p999_us
         )
     }
 }
 
 const HEADER: &str =
     "      rate deliveries/s delivered   p50(us)   p99(us) p99.9(us)   max(us)  lagged  gaps   relay    load";
+/// Width of a row up to the ack columns, which the header's are padded to.
+const HEADER_WIDTH: usize = 119;
+
+/// The table's header: the delivery columns, then the ack columns.
+fn header() -> String {
+    format!("{HEADER:<HEADER_WIDTH$} {:>10} {:>11} {:>11} {:>12}", "ops/s", "ack50(us)", "ack99(us)", "ack99.9(us)")
+}
 
 fn write_json(path: &std::path::Path, json: &str) {
     if let Some(dir) = path.parent() {
@@ -916,7 +974,9 @@ fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
     let (acks0, del0, lag0, gap0, ooo0) =
         (e.stats.acks, e.stats.deliveries, e.stats.lagged, e.stats.gaps, e.stats.out_of_order);
     e.latency.reset();
+    e.ack_latency.reset();
     e.window_ops = 0;
+    e.window_acks = 0;
     e.record_from = e.now_ns();
     let relay = e.args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
     let me = CpuMeter::start("self");
@@ -931,19 +991,21 @@ fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
     let relay_busy = relay_busy.and_then(|m| m.percent());
     let load_busy = load_busy.and_then(|m| m.percent());
     e.stop_sending();
-    // Stragglers: deliveries of operations sent in the window.
     let ops = e.window_ops;
     let expected = ops * per_op_fanout;
+    // Stragglers: deliveries and acks of operations sent in the window.
+    let settled = |e: &Engine| e.stats.deliveries - del0 >= expected && e.window_acks >= ops;
     let settle = Instant::now() + Duration::from_secs(3);
     while Instant::now() < settle {
-        let before = e.stats.deliveries;
-        e.poll_until(Instant::now() + Duration::from_millis(300), |e| e.stats.deliveries - del0 >= expected);
-        if e.stats.deliveries - del0 >= expected || e.stats.deliveries == before {
+        let before = (e.stats.deliveries, e.window_acks);
+        e.poll_until(Instant::now() + Duration::from_millis(300), settled);
+        if settled(e) || (e.stats.deliveries, e.window_acks) == before {
             break;
         }
     }
     let deliveries = e.stats.deliveries - del0;
     let h = &e.latency;
+    let a = &e.ack_latency;
     Step {
         rate,
         ops,
@@ -956,6 +1018,12 @@ fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
         p99_us: h.value_at_quantile(0.99),
         p999_us: h.value_at_quantile(0.999),
         max_us: h.max(),
+        ops_per_sec: e.window_acks as f64 / secs,
+        ack_ratio: if ops == 0 { 1.0 } else { e.window_acks as f64 / ops as f64 },
+        ack_p50_us: a.value_at_quantile(0.5),
+        ack_p99_us: a.value_at_quantile(0.99),
+        ack_p999_us: a.value_at_quantile(0.999),
+        ack_max_us: a.max(),
         lagged: e.stats.lagged - lag0,
         gaps: e.stats.gaps - gap0,
         out_of_order: e.stats.out_of_order - ooo0,
@@ -986,12 +1054,17 @@ fn run_mode(args: Args) {
     if ready < clients {
         eprintln!("warning: {} clients failed to join", clients - ready);
     }
-    println!("{HEADER}");
+    println!("{}", header());
     let mut steps = Vec::new();
     let mut best: Option<Step> = None;
     if args.find_max {
-        let held =
-            |step: &Step| step.delivery_ratio >= args.min_delivery && (step.p99_us as f64) <= args.max_p99_ms * 1000.0;
+        let held = |step: &Step| {
+            step.delivery_ratio >= args.min_delivery
+                && (step.p99_us as f64) <= args.max_p99_ms * 1000.0
+                && args
+                    .max_ack_p99_ms
+                    .is_none_or(|ms| step.ack_ratio >= args.min_delivery && (step.ack_p99_us as f64) <= ms * 1000.0)
+        };
         let mut rate = args.rate.unwrap_or(1000.0);
         let mut failed_at = None;
         loop {
@@ -1034,29 +1107,36 @@ fn run_mode(args: Args) {
         steps.push(step.clone());
         best = Some(step);
     }
+    let criteria = format!(
+        "delivery >= {:.0}%, p99 <= {} ms{}",
+        args.min_delivery * 100.0,
+        args.max_p99_ms,
+        args.max_ack_p99_ms.map_or(String::new(), |ms| format!(", ack p99 <= {ms} ms"))
+    );
     match &best {
-        Some(b) if args.find_max => println!(
-            "{}: max sustained rate {:.0} ops/s = {:.0} deliveries/s, p99 {} us (delivery >= {:.0}%, p99 <= {} ms)",
-            args.label,
-            b.rate,
-            b.deliveries_per_sec,
-            b.p99_us,
-            args.min_delivery * 100.0,
-            args.max_p99_ms
-        ),
-        None => println!(
-            "{}: no rate held (delivery >= {:.0}%, p99 <= {} ms)",
-            args.label,
-            args.min_delivery * 100.0,
-            args.max_p99_ms
-        ),
+        Some(b) if args.find_max => {
+            println!(
+                "{}: max sustained rate {:.0} ops/s = {:.0} deliveries/s, p99 {} us ({criteria})",
+                args.label, b.rate, b.deliveries_per_sec, b.p99_us
+            );
+            println!(
+                "{}: acks at that rate: {:.0} ops/s acknowledged ({:.2}%), ack p50 {} us, p99 {} us, p99.9 {} us",
+                args.label,
+                b.ops_per_sec,
+                b.ack_ratio * 100.0,
+                b.ack_p50_us,
+                b.ack_p99_us,
+                b.ack_p999_us
+            );
+        }
+        None => println!("{}: no rate held ({criteria})", args.label),
         _ => {}
     }
     if let Some(path) = &args.json {
         let steps_json: Vec<String> = steps.iter().map(Step::json).collect();
         let best_json = best.as_ref().map_or("null".to_string(), Step::json);
         let json = format!(
-            r#"{{"label":"{}","mode":"run","docs":{},"subs":{},"senders":{},"payload":{},"clients":{},"joined":{},"connections_per_sec":{:.0},"find_max":{},"best":{},"steps":[{}]}}"#,
+            r#"{{"label":"{}","mode":"run","docs":{},"subs":{},"senders":{},"payload":{},"clients":{},"joined":{},"connections_per_sec":{:.0},"find_max":{},"max_ack_p99_ms":{},"best":{},"steps":[{}]}}"#,
             args.label,
             args.docs,
             args.subs,
@@ -1066,6 +1146,7 @@ fn run_mode(args: Args) {
             ready,
             conn_rate,
             args.find_max,
+            args.max_ack_p99_ms.map_or("null".to_string(), |ms| ms.to_string()),
             best_json,
             steps_json.join(",")
         );
@@ -1156,7 +1237,14 @@ unsafe fn set_option<T>(fd: libc::c_int, level: libc::c_int, name: libc::c_int, 
 
 #[cfg(test)]
 mod tests {
-    use super::operation_fields;
+    use super::{header, operation_fields, Step};
+
+    #[test]
+    fn the_headers_columns_line_up_with_a_rows() {
+        let row = Step { rate: 1000.0, ops_per_sec: 1000.0, ..Step::default() }.row();
+        assert_eq!(header().len(), row.len());
+        assert!(header().ends_with("ack99.9(us)"));
+    }
 
     #[test]
     fn reads_the_relays_layout_and_other_key_orders() {
