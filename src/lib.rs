@@ -55,7 +55,10 @@ pub use session::Phase;
 pub fn init_logging() {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // glommio's reactor logs one error of its own, when its probe of a
+        // device for io_uring polling fails; the log's write-only segments
+        // fail it on purpose (src/store/log.rs, `roll`).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,glommio::reactor=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -245,8 +245,11 @@ fn publish(shard: &Shard, session: &Session, hub: &DocumentHub, what: Committed)
         Committed::Op { seq, frame, client_op_id } => {
             shard.stats().operations.add(1);
             shard.stats().broadcasts.add(1);
-            hub.publish_op(seq, session.info.id, frame);
+            // The ack first: its writer is woken before the subscribers',
+            // so after a group commit the senders hear back before the
+            // core is busy with the batch's fan-out.
             session.send_text(shard, encode::ack(seq, client_op_id.as_deref()));
+            hub.publish_op(seq, session.info.id, frame);
         }
         Committed::Snapshot { seq, state } => {
             hub.store_snapshot(seq, state);

@@ -48,6 +48,8 @@ pub struct SegmentInfo {
     pub live: u64,
     /// Bytes of the live records.
     pub live_bytes: u64,
+    /// Records written to it (counted by the writer, and by recovery's scan).
+    pub records: u64,
     pub bytes: u64,
 }
 

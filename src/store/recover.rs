@@ -126,6 +126,7 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
             match item {
                 Scanned::Record { at, len, record } => {
                     report.records += 1;
+                    index.segments.get_mut(n).expect("listed").records += 1;
                     let loc = Loc { segment: *n, offset: at, len: len as u32 };
                     found.add(record.document, record.kind, Epoch(record.epoch), record.seq, loc);
                 }
@@ -185,6 +186,7 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
                     io(std::io::Error::new(std::io::ErrorKind::InvalidData, "a record changed while being moved"))
                 })?;
                 let at = out.push(&buf);
+                index.segments.get_mut(&next_segment).expect("added").records += 1;
                 let loc = Loc { segment: next_segment, offset: at, len: l.len };
                 index.add(&doc, r.kind, Epoch(r.epoch), r.seq, loc);
             }
