@@ -51,6 +51,9 @@ const COPY_BYTES_PER_WRITE: u64 = 256 << 10;
 /// Reads of neighbouring records closer than this are merged into one.
 const READ_MERGE_GAP: u64 = 64 << 10;
 
+/// A live record as compaction finds it: document, kind, seq, place.
+type LiveRecord = (Box<str>, Kind, u64, Loc);
+
 struct Meta {
     document: Box<str>,
     kind: Kind,
@@ -107,7 +110,7 @@ pub struct LogStore {
     waiters: RefCell<Vec<Waker>>,
     closing: Cell<bool>,
     /// The live records of the segment being copied forward, still to copy.
-    copy_queue: RefCell<std::collections::VecDeque<(Box<str>, Kind, u64, Loc)>>,
+    copy_queue: RefCell<std::collections::VecDeque<LiveRecord>>,
     /// Segments compaction could not read (left as they are).
     unreadable: RefCell<std::collections::HashSet<u64>>,
 }
@@ -312,7 +315,7 @@ impl LogStore {
         if self.copy_queue.borrow().is_empty() && !self.pick_compaction().await {
             return;
         }
-        let mut chosen: Vec<(Box<str>, Kind, u64, Loc)> = Vec::new();
+        let mut chosen: Vec<LiveRecord> = Vec::new();
         let mut bytes = 0u64;
         {
             let index = self.index.borrow();
@@ -428,7 +431,7 @@ impl LogStore {
     /// The live records of segment `n`, by offset. Walks the core's index in
     /// slices, letting other tasks run between them: a large index must not
     /// stall the core.
-    async fn live_in(&self, n: u64) -> Vec<(Box<str>, Kind, u64, Loc)> {
+    async fn live_in(&self, n: u64) -> Vec<LiveRecord> {
         let docs: Vec<Box<str>> = self.index.borrow().docs.keys().cloned().collect();
         let mut out = Vec::new();
         for chunk in docs.chunks(1024) {

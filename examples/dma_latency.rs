@@ -1,0 +1,50 @@
+//! Latency of one 4 KiB write + fdatasync through glommio, as the log does
+//! it (DMA, DMA into a preallocated file, buffered), on the file system of
+//! the current directory:
+//!
+//!     cargo run --release --example dma_latency [-- WRITES]
+use glommio::io::{BufferedFile, DmaFile, OpenOptions};
+use glommio::{LocalExecutorBuilder, Placement};
+use std::time::Instant;
+
+fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3000);
+    LocalExecutorBuilder::new(Placement::Fixed(0))
+        .io_memory(64 << 10)
+        .spawn(move || async move {
+            for kind in ["dma", "dma-fallocate", "buffered"] {
+                let path = format!("docrelay-latency-{kind}.tmp");
+                let _ = std::fs::remove_file(&path);
+                let mut ts = Vec::with_capacity(n);
+                if kind == "buffered" {
+                    let f = BufferedFile::create(&path).await.unwrap();
+                    for i in 0..n {
+                        let t = Instant::now();
+                        f.write_at(vec![b'x'; 4096], (i * 4096) as u64).await.unwrap();
+                        f.fdatasync().await.unwrap();
+                        ts.push(t.elapsed());
+                    }
+                } else {
+                    let f: DmaFile = OpenOptions::new().write(true).create_new(true).dma_open(&path).await.unwrap();
+                    if kind == "dma-fallocate" {
+                        f.pre_allocate(64 << 20, false).await.unwrap();
+                    }
+                    for i in 0..n {
+                        let mut b = f.alloc_dma_buffer(4096);
+                        b.as_bytes_mut().fill(b'x');
+                        let t = Instant::now();
+                        f.write_at(b, (i * 4096) as u64).await.unwrap();
+                        f.fdatasync().await.unwrap();
+                        ts.push(t.elapsed());
+                    }
+                }
+                ts.sort();
+                let q = |p: f64| ts[((n as f64 * p) as usize).min(n - 1)].as_secs_f64() * 1e3;
+                println!("{kind:14} p50 {:.3} p99 {:.3} p99.9 {:.3} max {:.3} ms", q(0.5), q(0.99), q(0.999), q(1.0));
+                let _ = std::fs::remove_file(&path);
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
