@@ -12,7 +12,7 @@ fn main() {
     LocalExecutorBuilder::new(Placement::Fixed(0))
         .io_memory(64 << 10)
         .spawn(move || async move {
-            for kind in ["dma", "dma-fallocate", "buffered"] {
+            for kind in ["dma", "dma-fallocate", "dma-zeroed", "buffered"] {
                 let path = format!("docrelay-latency-{kind}.tmp");
                 let _ = std::fs::remove_file(&path);
                 let mut ts = Vec::with_capacity(n);

@@ -98,8 +98,21 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     });
     let collector = CancelOnDrop(glommio::spawn_local(core.verdicts.clone().run()).detach());
     let ticker = CancelOnDrop(glommio::spawn_local(shard.clone().ticker()).detach());
-    let commits = CancelOnDrop(glommio::spawn_local(shard.clone().commit_loop()).detach());
-    let flusher = shard.log.clone().map(|log| glommio::spawn_local(log.run()).detach());
+    // The log's flusher and the commit loop run in a task queue of their own
+    // whose latency matters: glommio then preempts the sessions' queue at
+    // least every millisecond and looks for I/O completions, so a finished
+    // fdatasync is seen (and its acks sent) without waiting until every busy
+    // session has run (by default up to 100 ms).
+    let storage_queue = glommio::executor().create_task_queue(
+        glommio::Shares::Static(1000),
+        glommio::Latency::Matters(Duration::from_millis(1)),
+        "docrelay-storage",
+    );
+    let spawn_storage = |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
+        glommio::spawn_local_into(task, storage_queue).expect("a task queue just created accepts tasks").detach()
+    };
+    let commits = CancelOnDrop(spawn_storage(Box::pin(shard.clone().commit_loop())));
+    let flusher = shard.log.clone().map(|log| spawn_storage(Box::pin(log.run())));
     let acceptor = glommio::spawn_local(accept_loop(core.clone(), listener)).detach();
     let _ = setup.ready.send(index);
 

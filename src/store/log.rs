@@ -109,6 +109,9 @@ pub struct LogStore {
     flusher: Cell<Option<Waker>>,
     waiters: RefCell<Vec<Waker>>,
     closing: Cell<bool>,
+    /// The next segment, made ahead of need, and whether it is being made.
+    prepared: RefCell<Option<(u64, Rc<DmaFile>)>>,
+    preparing: Cell<bool>,
     /// The live records of the segment being copied forward, still to copy.
     copy_queue: RefCell<std::collections::VecDeque<LiveRecord>>,
     /// Segments compaction could not read (left as they are).
@@ -138,6 +141,8 @@ impl LogStore {
             waiters: RefCell::new(Vec::new()),
             closing: Cell::new(false),
             copy_queue: RefCell::new(Default::default()),
+            prepared: RefCell::new(None),
+            preparing: Cell::new(false),
             unreadable: RefCell::new(Default::default()),
         }
     }
@@ -156,6 +161,7 @@ impl LogStore {
     /// The flusher: writes batches until [`LogStore::close`] and the last
     /// batch is written.
     pub async fn run(self: Rc<Self>) {
+        self.prepare_next();
         loop {
             let more = poll_fn(|cx| {
                 if !self.batch.borrow().metas.is_empty() {
@@ -183,8 +189,21 @@ impl LogStore {
                 }
             }
             let batch = std::mem::take(&mut *self.batch.borrow_mut());
-            match self.write(&batch).await {
-                Ok((segment, base)) => self.stored_batch(batch, segment, base).await,
+            let t0 = Instant::now();
+            let waited = batch.first_at.map(|t| t0 - t);
+            let r = self.write(&batch).await;
+            tracing::trace!(
+                records = batch.metas.len(),
+                bytes = batch.bytes.len(),
+                waited_us = waited.map(|w| w.as_micros() as u64),
+                write_us = t0.elapsed().as_micros() as u64,
+                "group commit"
+            );
+            match r {
+                Ok((segment, base)) => {
+                    self.stored_batch(batch, segment, base).await;
+                    self.prepare_next();
+                }
                 Err(e) => self.failed_batch(batch.last, e).await,
             }
         }
@@ -246,6 +265,23 @@ impl LogStore {
     /// Starts a new segment (the directory entry is synced before anything
     /// in it counts as stored).
     async fn roll(&self) -> std::io::Result<()> {
+        let prepared = self.prepared.borrow_mut().take();
+        let (n, file) = match prepared {
+            Some(p) => p,
+            None => self.create_segment().await?,
+        };
+        self.index.borrow_mut().segments.entry(n).or_default().core = self.core;
+        let old = self.head.borrow_mut().replace(Segment { n, file, len: 0 });
+        debug!(core = self.core, segment = n, "log segment started");
+        if let Some(old) = old {
+            debug!(core = self.core, segment = old.n, bytes = old.len, "log segment sealed");
+            self.delete_dead_segments().await;
+        }
+        Ok(())
+    }
+
+    /// Creates the next segment file and syncs its directory entry.
+    async fn create_segment(&self) -> std::io::Result<(u64, Rc<DmaFile>)> {
         let n = self.next_segment.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(segment_name(self.core, n));
         // Write-only on purpose: glommio probes a device for io_uring
@@ -267,18 +303,33 @@ impl LogStore {
                 file.alignment()
             )));
         }
+        // Syncing the directory commits the file system's journal: tens of
+        // milliseconds here, which is why segments are made ahead of need.
         let dir = Directory::open(&self.dir).await.map_err(std::io::Error::from)?;
         dir.sync().await.map_err(std::io::Error::from)?;
         let _ = dir.close().await;
-        let file = Rc::new(file);
-        self.index.borrow_mut().segments.entry(n).or_default().core = self.core;
-        let old = self.head.borrow_mut().replace(Segment { n, file, len: 0 });
-        debug!(core = self.core, segment = n, "log segment started");
-        if let Some(old) = old {
-            debug!(core = self.core, segment = old.n, bytes = old.len, "log segment sealed");
-            self.delete_dead_segments().await;
+        Ok((n, Rc::new(file)))
+    }
+
+    /// Makes the next segment in the background once the current one is half
+    /// full (or none exists), so that a roll never waits for file creation
+    /// and the directory sync. A failure here is only logged: the roll then
+    /// creates the segment itself, and reports the error if it fails again.
+    fn prepare_next(self: &Rc<Self>) {
+        let half_full = self.head.borrow().as_ref().is_none_or(|h| h.len >= self.segment_bytes / 2);
+        if !half_full || self.preparing.get() || self.prepared.borrow().is_some() || self.closing.get() {
+            return;
         }
-        Ok(())
+        self.preparing.set(true);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            match me.create_segment().await {
+                Ok(p) => *me.prepared.borrow_mut() = Some(p),
+                Err(e) => warn!(core = me.core, error = %e, "could not prepare the next log segment"),
+            }
+            me.preparing.set(false);
+        })
+        .detach();
     }
 
     async fn stored_batch(&self, batch: Batch, segment: u64, base: u64) {
