@@ -212,9 +212,7 @@ impl LogStore {
     /// Stops the flusher once everything queued is written.
     pub fn close(&self) {
         self.closing.set(true);
-        if let Some(w) = self.flusher.take() {
-            w.wake();
-        }
+        self.wake_flusher();
     }
 
     /// Writes a batch; returns the segment and the offset of its first record.
@@ -403,12 +401,23 @@ impl LogStore {
             let Ok((r, _)) = record::decode(raw) else { continue };
             let at = batch.bytes.len();
             batch.bytes.extend_from_slice(raw);
-            batch.metas.push(Meta { document: doc, kind, epoch: Epoch(r.epoch), seq, at, len: raw.len() as u32 });
-            let t = self.appended.get() + 1;
-            self.appended.set(t);
-            batch.last = t;
+            self.queue(&mut batch, Meta { document: doc, kind, epoch: Epoch(r.epoch), seq, at, len: raw.len() as u32 });
         }
         drop(batch);
+        self.wake_flusher();
+    }
+
+    /// Adds a record whose bytes are in the batch from `meta.at`; returns
+    /// its ticket.
+    fn queue(&self, batch: &mut Batch, meta: Meta) -> Ticket {
+        batch.metas.push(meta);
+        let t = self.appended.get() + 1;
+        self.appended.set(t);
+        batch.last = t;
+        t
+    }
+
+    fn wake_flusher(&self) {
         if let Some(w) = self.flusher.take() {
             w.wake();
         }
@@ -599,14 +608,9 @@ impl HistoryStore for LogStore {
         }
         record::encode(&mut batch.bytes, kind, epoch.0, seq, document, data);
         let len = (batch.bytes.len() - at) as u32;
-        batch.metas.push(Meta { document: document.into(), kind, epoch, seq, at, len });
-        let t = self.appended.get() + 1;
-        self.appended.set(t);
-        batch.last = t;
+        let t = self.queue(&mut batch, Meta { document: document.into(), kind, epoch, seq, at, len });
         drop(batch);
-        if let Some(w) = self.flusher.take() {
-            w.wake();
-        }
+        self.wake_flusher();
         Ok(t)
     }
 
