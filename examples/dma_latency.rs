@@ -2,13 +2,32 @@
 //! it (DMA, DMA into a preallocated file, buffered), on the file system of
 //! the current directory:
 //!
-//!     cargo run --release --example dma_latency [-- WRITES]
+//!     cargo run --release --example dma_latency [-- WRITES [churn]]
+//!
+//! `churn` adds a thread that writes, syncs and deletes 64 MiB files
+//! meanwhile: on the 2-CPU VM of README "Performance" that took every
+//! variant's p99 from about 0.5 ms to 27–30 ms, prepared files included.
 use glommio::io::{BufferedFile, DmaFile, OpenOptions};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::time::Instant;
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3000);
+    // With a second argument `churn`: meanwhile, another thread writes and
+    // deletes 64 MiB files (as compaction deletes dead segments).
+    if std::env::args().nth(2).as_deref() == Some("churn") {
+        std::thread::spawn(|| loop {
+            let path = "docrelay-latency-churn.tmp";
+            let mut f = std::fs::File::create(path).unwrap();
+            let chunk = vec![1u8; 1 << 20];
+            for _ in 0..64 {
+                std::io::Write::write_all(&mut f, &chunk).unwrap();
+            }
+            f.sync_all().unwrap();
+            drop(f);
+            std::fs::remove_file(path).unwrap();
+        });
+    }
     LocalExecutorBuilder::new(Placement::Fixed(0))
         .io_memory(64 << 10)
         .spawn(move || async move {
