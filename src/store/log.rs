@@ -112,6 +112,9 @@ pub struct LogStore {
     /// The next segment, made ahead of need, and whether it is being made.
     prepared: RefCell<Option<(u64, Rc<DmaFile>)>>,
     preparing: Cell<bool>,
+    /// The task making it, awaited before the flusher ends (a task left
+    /// pending when the executor exits is leaked, with its file).
+    preparer: RefCell<Option<glommio::task::JoinHandle<()>>>,
     /// The live records of the segment being copied forward, still to copy.
     copy_queue: RefCell<std::collections::VecDeque<LiveRecord>>,
     /// Segments compaction could not read (left as they are).
@@ -143,6 +146,7 @@ impl LogStore {
             copy_queue: RefCell::new(Default::default()),
             prepared: RefCell::new(None),
             preparing: Cell::new(false),
+            preparer: RefCell::new(None),
             unreadable: RefCell::new(Default::default()),
         }
     }
@@ -175,6 +179,10 @@ impl LogStore {
             })
             .await;
             if !more {
+                let preparer = self.preparer.borrow_mut().take();
+                if let Some(task) = preparer {
+                    task.await;
+                }
                 return;
             }
             // Wait out the rest of the oldest record's `batch_ms` (already
@@ -320,7 +328,7 @@ impl LogStore {
         }
         self.preparing.set(true);
         let me = self.clone();
-        glommio::spawn_local(async move {
+        let task = glommio::spawn_local(async move {
             match me.create_segment().await {
                 Ok(p) => *me.prepared.borrow_mut() = Some(p),
                 Err(e) => warn!(core = me.core, error = %e, "could not prepare the next log segment"),
@@ -328,6 +336,7 @@ impl LogStore {
             me.preparing.set(false);
         })
         .detach();
+        *self.preparer.borrow_mut() = Some(task);
     }
 
     async fn stored_batch(&self, batch: Batch, segment: u64, base: u64) {
