@@ -1,10 +1,22 @@
 //! The relay's time source for rate limits. The relay reads the monotonic
 //! clock; tests inject a [`ManualClock`] and move it forward by hand, so a
-//! rate-limit window can be crossed without sleeping.
+//! rate-limit window can be crossed without sleeping. Also [`unique_u64`],
+//! the identifiers drawn from the time and a random key.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A value unlike any other drawn, in this process or another, with
+/// overwhelming probability: the wall-clock time, the process id and a
+/// counter, hashed with a random key. For session nonces and epochs, not for
+/// secrets.
+pub fn unique_u64() -> u64 {
+    use std::hash::BuildHasher;
+    static DRAWN: AtomicU64 = AtomicU64::new(0);
+    let nth = DRAWN.fetch_add(1, Relaxed);
+    std::collections::hash_map::RandomState::new().hash_one((std::time::SystemTime::now(), std::process::id(), nth))
+}
 
 /// A source of `Instant`s. Called on the message path: keep it cheap.
 pub trait Clock: Send + Sync + 'static {

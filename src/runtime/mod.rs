@@ -150,12 +150,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     }
     let auth = Arc::new(Authenticator::from_config(&config)?);
     let clock: Arc<dyn Clock> = options.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
-    let session_nonce = {
-        use std::hash::BuildHasher;
-        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let nth = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        std::collections::hash_map::RandomState::new().hash_one((std::time::SystemTime::now(), std::process::id(), nth))
-    };
+    let session_nonce = crate::clock::unique_u64();
     let cores = cpus.len();
     let (mut logs, storage_lock) = if config.storage.dir.is_empty() {
         (Vec::new(), None)

@@ -172,11 +172,13 @@ pub(super) fn finish_join(
     session.send_text(shard, reply);
     shard.stats().broadcasts.add(1);
     hub.publish_presence(session.info.id, user_joined);
-    match (since, epoch) {
-        (Some(since), _) => sync_response(shard, session, &hub, since, epoch),
-        (None, Some(e)) if e != &*hub.epoch_text => session.send_text(shard, encode::epoch_changed(&hub.epoch_text)),
-        (None, _) => true,
-    };
+    match since {
+        Some(since) => sync_response(shard, session, &hub, since, epoch),
+        None if epoch.is_some_and(|e| e != &*hub.epoch_text) => {
+            session.send_text(shard, encode::epoch_changed(&hub.epoch_text));
+        }
+        None => {}
+    }
 }
 
 /// Leaves the session's document if joined: unsubscribes and broadcasts
@@ -295,10 +297,11 @@ fn cursor(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), St
 
 /// Answers a sync (`sync_request`, or `join_document` with `since`): the
 /// history after `since`, or `EPOCH_CHANGED` when the client's epoch is not
-/// the document's. Returns whether the reply was queued.
-fn sync_response(shard: &Shard, session: &Session, hub: &DocumentHub, since: u64, epoch: Option<&str>) -> bool {
+/// the document's.
+fn sync_response(shard: &Shard, session: &Session, hub: &DocumentHub, since: u64, epoch: Option<&str>) {
     if epoch.is_some_and(|e| e != &*hub.epoch_text) {
-        return session.send_text(shard, encode::epoch_changed(&hub.epoch_text));
+        session.send_text(shard, encode::epoch_changed(&hub.epoch_text));
+        return;
     }
     let reply = match hub.sync(since) {
         Sync::History { ops } => {
@@ -311,11 +314,10 @@ fn sync_response(shard: &Shard, session: &Session, hub: &DocumentHub, since: u64
             ops.iter().map(|op| op.payload()),
         ),
         Sync::Unavailable => {
-            reply_error(shard, session, ErrorCode::HistoryUnavailable, "the history no longer covers `since`");
-            return true;
+            return reply_error(shard, session, ErrorCode::HistoryUnavailable, "the history no longer covers `since`");
         }
     };
-    session.send_text(shard, reply)
+    session.send_text(shard, reply);
 }
 
 fn snapshot(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {

@@ -28,19 +28,14 @@ impl Session {
             match event {
                 // After our Close, data is read and dropped (RFC 6455 7.1.1).
                 Event::Text(_) | Event::Binary(_) | Event::Ping(_) if !self.is_open() => {}
-                Event::Text(text) if self.joining.get() => {
-                    shard.stats().messages_in.add(1);
-                    self.held.borrow_mut().push_back(Held::Text(text.to_owned()));
-                }
-                Event::Binary(data) if self.joining.get() => {
-                    shard.stats().messages_in.add(1);
-                    self.held.borrow_mut().push_back(Held::Binary(data.to_owned()));
-                }
                 Event::Text(text) => {
                     shard.stats().messages_in.add(1);
                     match self.info.mode {
                         Mode::Echo => {
                             self.send(shard, Rc::new(OutFrame::new(Kind::Text, text.as_bytes())));
+                        }
+                        Mode::Document if self.joining.get() => {
+                            self.held.borrow_mut().push_back(Held::Text(text.into()))
                         }
                         Mode::Document => handlers::handle_text(shard, self, text),
                     }
@@ -50,6 +45,9 @@ impl Session {
                     match self.info.mode {
                         Mode::Echo => {
                             self.send(shard, Rc::new(OutFrame::new(Kind::Binary, data)));
+                        }
+                        Mode::Document if self.joining.get() => {
+                            self.held.borrow_mut().push_back(Held::Binary(data.into()))
                         }
                         Mode::Document => handlers::handle_binary(shard, self, data),
                     }

@@ -41,16 +41,13 @@ impl DocIndex {
     }
 }
 
-/// Per segment: its writer core, live records and size.
+/// Per segment: its writer core, and its live and written records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SegmentInfo {
     pub core: usize,
     pub live: u64,
-    /// Bytes of the live records.
-    pub live_bytes: u64,
     /// Records written to it (counted by the writer, and by recovery's scan).
     pub records: u64,
-    pub bytes: u64,
 }
 
 /// The index of a set of documents and the segments holding them.
@@ -68,14 +65,9 @@ impl Index {
         Index { window: window.max(1), docs: HashMap::new(), segments: BTreeMap::new() }
     }
 
-    pub fn window(&self) -> usize {
-        self.window
-    }
-
     fn release(segments: &mut BTreeMap<u64, SegmentInfo>, loc: Loc) {
         if let Some(s) = segments.get_mut(&loc.segment) {
             s.live = s.live.saturating_sub(1);
-            s.live_bytes = s.live_bytes.saturating_sub(loc.len as u64);
         }
     }
 
@@ -84,9 +76,7 @@ impl Index {
     /// migration) replaces the older copy.
     pub fn add(&mut self, document: &str, kind: Kind, epoch: Epoch, seq: u64, loc: Loc) {
         let segments = &mut self.segments;
-        let info = segments.entry(loc.segment).or_default();
-        info.live += 1;
-        info.live_bytes += loc.len as u64;
+        segments.entry(loc.segment).or_default().live += 1;
         let doc = match self.docs.get_mut(document) {
             Some(d) => d,
             None => {
@@ -171,7 +161,7 @@ mod tests {
         ix.add("d", Kind::Snapshot, Epoch(1), 2, loc(4, 0));
         ix.add("d", Kind::Snapshot, Epoch(1), 3, loc(5, 0));
         assert_eq!(ix.dead_segments(None), vec![1, 4]);
-        assert_eq!((ix.segments[&2].live, ix.segments[&2].live_bytes), (1, 10));
+        assert_eq!(ix.segments[&2].live, 1);
         let d = &ix.docs["d"];
         assert_eq!((d.seq, d.oldest(), d.snapshot.map(|s| s.0)), (3, 2, Some(3)));
     }

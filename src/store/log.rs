@@ -54,20 +54,12 @@ const READ_MERGE_GAP: u64 = 64 << 10;
 /// A live record as compaction finds it: document, kind, seq, place.
 type LiveRecord = (Box<str>, Kind, u64, Loc);
 
-struct Meta {
-    document: Box<str>,
-    kind: Kind,
-    epoch: Epoch,
-    seq: u64,
-    /// Offset in the batch.
-    at: usize,
-    len: u32,
-}
-
 #[derive(Default)]
 struct Batch {
+    /// Encoded records, back to back: everything the index needs of them
+    /// once they are stored is in their bytes.
     bytes: Vec<u8>,
-    metas: Vec<Meta>,
+    records: usize,
     /// Ticket of the last record in the batch.
     last: Ticket,
     /// When its first record was appended: no record waits for its group
@@ -151,11 +143,6 @@ impl LogStore {
         }
     }
 
-    /// Bytes in this core's segments (for tests and metrics).
-    pub fn segment_bytes_on_disk(&self) -> u64 {
-        self.index.borrow().segments.values().map(|s| s.bytes).sum()
-    }
-
     fn wake_waiters(&self) {
         for w in self.waiters.borrow_mut().drain(..) {
             w.wake();
@@ -168,7 +155,7 @@ impl LogStore {
         self.prepare_next();
         loop {
             let more = poll_fn(|cx| {
-                if !self.batch.borrow().metas.is_empty() {
+                if self.batch.borrow().records > 0 {
                     Poll::Ready(true)
                 } else if self.closing.get() {
                     Poll::Ready(false)
@@ -201,7 +188,7 @@ impl LogStore {
             let waited = batch.first_at.map(|t| t0 - t);
             let r = self.write(&batch).await;
             tracing::trace!(
-                records = batch.metas.len(),
+                records = batch.records,
                 bytes = batch.bytes.len(),
                 waited_us = waited.map(|w| w.as_micros() as u64),
                 write_us = t0.elapsed().as_micros() as u64,
@@ -261,9 +248,6 @@ impl LogStore {
         }
         if let Some(h) = self.head.borrow_mut().as_mut() {
             h.len = pos + size as u64;
-        }
-        if let Some(s) = self.index.borrow_mut().segments.get_mut(&n) {
-            s.bytes = pos + size as u64;
         }
         Ok((n, pos + header as u64))
     }
@@ -343,11 +327,14 @@ impl LogStore {
         {
             let mut index = self.index.borrow_mut();
             if let Some(info) = index.segments.get_mut(&segment) {
-                info.records += batch.metas.len() as u64;
+                info.records += batch.records as u64;
             }
-            for m in &batch.metas {
-                let loc = Loc { segment, offset: base + m.at as u64, len: m.len };
-                index.add(&m.document, m.kind, m.epoch, m.seq, loc);
+            let mut at = 0;
+            while at < batch.bytes.len() {
+                let (r, len) = record::decode_own(&batch.bytes[at..]);
+                let loc = Loc { segment, offset: base + at as u64, len: len as u32 };
+                index.add(r.document, r.kind, Epoch(r.epoch), r.seq, loc);
+                at += len;
             }
         }
         self.stored.set(batch.last);
@@ -373,7 +360,7 @@ impl LogStore {
         if self.copy_queue.borrow().is_empty() && !self.pick_compaction().await {
             return;
         }
-        let mut chosen: Vec<LiveRecord> = Vec::new();
+        let mut locs: Vec<Loc> = Vec::new();
         let mut bytes = 0u64;
         {
             let index = self.index.borrow();
@@ -387,15 +374,14 @@ impl LogStore {
                 });
                 if live {
                     bytes += loc.len as u64;
-                    chosen.push((doc, kind, seq, loc));
+                    locs.push(loc);
                 }
             }
         }
-        if chosen.is_empty() {
+        if locs.is_empty() {
             return;
         }
-        let segment = chosen[0].3.segment;
-        let locs: Vec<Loc> = chosen.iter().map(|c| c.3).collect();
+        let segment = locs[0].segment;
         let records = match self.read_raw(&locs).await {
             Ok(r) => r,
             Err(e) => {
@@ -406,20 +392,18 @@ impl LogStore {
             }
         };
         let mut batch = self.batch.borrow_mut();
-        for ((doc, kind, seq, _), raw) in chosen.into_iter().zip(&records) {
-            let Ok((r, _)) = record::decode(raw) else { continue };
-            let at = batch.bytes.len();
+        for raw in &records {
+            // Checked by `read_raw`: copied as they are, checksum included.
             batch.bytes.extend_from_slice(raw);
-            self.queue(&mut batch, Meta { document: doc, kind, epoch: Epoch(r.epoch), seq, at, len: raw.len() as u32 });
+            self.queue(&mut batch);
         }
         drop(batch);
         self.wake_flusher();
     }
 
-    /// Adds a record whose bytes are in the batch from `meta.at`; returns
-    /// its ticket.
-    fn queue(&self, batch: &mut Batch, meta: Meta) -> Ticket {
-        batch.metas.push(meta);
+    /// Counts the record just added to the batch's bytes; returns its ticket.
+    fn queue(&self, batch: &mut Batch) -> Ticket {
+        batch.records += 1;
         let t = self.appended.get() + 1;
         self.appended.set(t);
         batch.last = t;
@@ -611,13 +595,11 @@ impl HistoryStore for LogStore {
         if batch.bytes.len() >= MAX_QUEUED_BYTES {
             return Err(StoreError::Unavailable("the disk is not keeping up (too many records queued)".into()));
         }
-        let at = batch.bytes.len();
-        if at == 0 {
+        if batch.bytes.is_empty() {
             batch.first_at = Some(Instant::now());
         }
         record::encode(&mut batch.bytes, kind, epoch.0, seq, document, data);
-        let len = (batch.bytes.len() - at) as u32;
-        let t = self.queue(&mut batch, Meta { document: document.into(), kind, epoch, seq, at, len });
+        let t = self.queue(&mut batch);
         drop(batch);
         self.wake_flusher();
         Ok(t)
@@ -681,9 +663,5 @@ impl HistoryStore for LogStore {
             let mut data = self.read_records(&[loc]).await?;
             Ok(data.pop().map(|state| StoredSnapshot { seq, state }))
         })
-    }
-
-    fn durable(&self) -> bool {
-        true
     }
 }

@@ -33,21 +33,7 @@ pub struct Epoch(pub u64);
 impl Epoch {
     /// A new epoch, unlike any other with overwhelming probability.
     pub fn random() -> Epoch {
-        use std::hash::BuildHasher;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static DRAWN: AtomicU64 = AtomicU64::new(0);
-        let nth = DRAWN.fetch_add(1, Ordering::Relaxed);
-        let v = std::collections::hash_map::RandomState::new().hash_one((
-            std::time::SystemTime::now(),
-            std::process::id(),
-            nth,
-        ));
-        Epoch(v.max(1))
-    }
-
-    /// Parses the wire form (16 lowercase hex digits).
-    pub fn parse(text: &str) -> Option<Epoch> {
-        (text.len() == 16).then(|| u64::from_str_radix(text, 16).ok().map(Epoch)).flatten()
+        Epoch(crate::clock::unique_u64().max(1))
     }
 }
 
@@ -132,10 +118,6 @@ pub trait HistoryStore {
 
     /// The latest stored snapshot of a document.
     fn latest_snapshot<'a>(&'a self, document: &'a str) -> LocalFuture<'a, Result<Option<StoredSnapshot>, StoreError>>;
-
-    /// Whether the store keeps history beyond the hub (loading a document it
-    /// has a head for reads from it).
-    fn durable(&self) -> bool;
 }
 
 /// History in memory only: the hub's own, lost with it. Appends are stored
@@ -179,10 +161,6 @@ impl HistoryStore for MemoryStore {
     fn latest_snapshot<'a>(&'a self, _: &'a str) -> LocalFuture<'a, Result<Option<StoredSnapshot>, StoreError>> {
         Box::pin(async { Ok(None) })
     }
-
-    fn durable(&self) -> bool {
-        false
-    }
 }
 
 #[cfg(test)]
@@ -190,11 +168,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn epochs_print_and_parse() {
+    fn epochs_print_as_16_hex_digits_and_differ() {
         let e = Epoch(0xab);
         assert_eq!(e.to_string(), "00000000000000ab");
-        assert_eq!(Epoch::parse("00000000000000ab"), Some(e));
-        assert_eq!(Epoch::parse("ab"), None);
         assert_ne!(Epoch::random(), Epoch::random());
     }
 }

@@ -100,7 +100,6 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
         report.bytes += bytes.len() as u64;
         paths.insert(*n, path.clone());
         index.segments.entry(*n).or_default().core = *core;
-        index.segments.get_mut(n).expect("just added").bytes = bytes.len() as u64;
         match record::check_header(&bytes) {
             Ok(named) if named == *n => {}
             // A segment created but never written (a crash right after the
@@ -151,7 +150,6 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
         if valid_end < bytes.len() as u64 {
             let f = OpenOptions::new().write(true).open(path).map_err(io)?;
             f.set_len(valid_end).and_then(|()| f.sync_data()).map_err(io)?;
-            index.segments.get_mut(n).expect("listed").bytes = valid_end;
         }
     }
     found.finish(&mut index);
