@@ -92,6 +92,8 @@ pub struct LogStore {
     /// which O_DIRECT would round out to whole blocks each.
     readers: RefCell<HashMap<u64, Rc<BufferedFile>>>,
     batch: RefCell<Batch>,
+    /// The emptied buffer of the last batch written, for the next one.
+    spare: RefCell<Vec<u8>>,
     appended: Cell<Ticket>,
     stored: Cell<Ticket>,
     /// Tickets up to this one failed (they are above `stored`).
@@ -128,6 +130,7 @@ impl LogStore {
             head: RefCell::new(None),
             readers: RefCell::new(HashMap::new()),
             batch: RefCell::new(Batch::default()),
+            spare: RefCell::new(Vec::new()),
             appended: Cell::new(0),
             stored: Cell::new(0),
             failed: Cell::new(0),
@@ -183,7 +186,10 @@ impl LogStore {
                     glommio::timer::sleep(left).await;
                 }
             }
-            let batch = std::mem::take(&mut *self.batch.borrow_mut());
+            // The next batch fills the buffer of the last one written: a
+            // steady load does not grow a new buffer for every batch.
+            let fresh = Batch { bytes: std::mem::take(&mut *self.spare.borrow_mut()), ..Batch::default() };
+            let batch = std::mem::replace(&mut *self.batch.borrow_mut(), fresh);
             let t0 = Instant::now();
             let waited = batch.first_at.map(|t| t0 - t);
             let r = self.write(&batch).await;
@@ -323,7 +329,7 @@ impl LogStore {
         *self.preparer.borrow_mut() = Some(task);
     }
 
-    async fn stored_batch(&self, batch: Batch, segment: u64, base: u64) {
+    async fn stored_batch(&self, mut batch: Batch, segment: u64, base: u64) {
         {
             let mut index = self.index.borrow_mut();
             if let Some(info) = index.segments.get_mut(&segment) {
@@ -338,6 +344,11 @@ impl LogStore {
             }
         }
         self.stored.set(batch.last);
+        // Kept unless a burst made it large: idle cores hold little.
+        if batch.bytes.capacity() <= 2 * FLUSH_NOW_BYTES {
+            batch.bytes.clear();
+            *self.spare.borrow_mut() = batch.bytes;
+        }
         self.wake_waiters();
         self.delete_dead_segments().await;
         self.copy_forward().await;
