@@ -48,6 +48,13 @@ rate_limit_grace_ms = 5000
 # Bytes of direct replies queued for one client before the relay stops
 # reading from it; a queue that still grows past twice this closes with 1008.
 max_send_buffer_bytes = 1048576
+# Payload bytes of operations in one sync_response page (at least one
+# operation per page, a snapshot not counted): a longer history comes in
+# pages that the client asks for one at a time ("more": true).
+max_sync_bytes = 1048576
+# Deepest nesting of arrays and objects inside an operation payload, a cursor
+# payload or a snapshot state; deeper is refused with BAD_MESSAGE.
+max_json_depth = 64
 # Connections waiting to move to their document's core, per core.
 handoff_queue = 4096
 # Time a connection validator may take to deliver its verdict (then 1011).
@@ -68,12 +75,25 @@ presence_ring_capacity = 256
 history_ops = 10000
 # A document with no sessions frees its memory after this long.
 idle_unload_ms = 30000
+# Participants listed in joined_document; the rest are paged with
+# list_participants.
+max_participants_listed = 100
+# Sessions joined to one document at once; one more gets DOCUMENT_FULL.
+max_sessions = 10000
 
 [auth]
 # "dev" accepts any non-empty token (never on a public address), or "jwt".
 mode = "dev"
+# The HS256 secret (at least 32 bytes), or where to read it from instead, so
+# that it need not sit in this file: a file (its content, without a trailing
+# newline) or an environment variable (its name). At most one of the three.
 jwt_secret = ""
+jwt_secret_file = ""
+jwt_secret_env = ""
+# RS256 or ES256 public key (PEM) instead of a secret.
 jwt_public_key_file = ""
+# Seconds of clock difference allowed when checking exp, nbf and iat.
+jwt_leeway_secs = 30
 
 [validation]
 # Browser origins allowed to connect; empty = any. No Origin header passes.
@@ -97,6 +117,12 @@ batch_ms = 2
 # A log segment is closed and a new one started at about this size; segments
 # without live records are deleted (65536..=4294967296).
 segment_bytes = 67108864
+
+[metrics]
+# A separate address for /metrics, e.g. "127.0.0.1:9100", so that it need not
+# be reachable where clients connect; then the main address does not serve it.
+# Empty = /metrics on the main address.
+listen = ""
 
 [testing]
 # A route such as "/ws/echo" that echoes every message, for the Autobahn
@@ -247,6 +273,7 @@ pub struct Config {
     pub auth: Auth,
     pub validation: Validation,
     pub storage: Storage,
+    pub metrics: Metrics,
     pub testing: Testing,
 }
 
@@ -266,6 +293,8 @@ pub struct Limits {
     pub max_cursor_per_sec: u32,
     pub rate_limit_grace_ms: u64,
     pub max_send_buffer_bytes: usize,
+    pub max_sync_bytes: usize,
+    pub max_json_depth: usize,
     pub handoff_queue: usize,
     pub validation_timeout_ms: u64,
     pub validation_queue: usize,
@@ -281,6 +310,8 @@ pub struct Documents {
     pub presence_ring_capacity: usize,
     pub history_ops: usize,
     pub idle_unload_ms: u64,
+    pub max_participants_listed: usize,
+    pub max_sessions: usize,
 }
 
 /// How `authenticate` checks tokens.
@@ -296,7 +327,10 @@ pub enum AuthMode {
 pub struct Auth {
     pub mode: AuthMode,
     pub jwt_secret: String,
+    pub jwt_secret_file: String,
+    pub jwt_secret_env: String,
     pub jwt_public_key_file: String,
+    pub jwt_leeway_secs: u64,
 }
 
 /// The built-in connection validators.
@@ -324,6 +358,26 @@ pub struct Storage {
     pub segment_bytes: u64,
 }
 
+/// Where `/metrics` is served.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Empty: on the main address. Resolved by [`Metrics::address`].
+    pub listen: String,
+}
+
+impl Metrics {
+    /// The separate metrics address, if one is set.
+    pub fn address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        parse_listen(&self.listen).map(Some).map_err(|e| {
+            ConfigError::Invalid(format!("metrics.{}", e.to_string().trim_start_matches("invalid configuration: ")))
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Testing {
@@ -340,6 +394,7 @@ impl Default for Config {
             auth: Auth::default(),
             validation: Validation::default(),
             storage: Storage::default(),
+            metrics: Metrics::default(),
             testing: Testing::default(),
         }
     }
@@ -359,6 +414,8 @@ impl Default for Limits {
             max_cursor_per_sec: 0,
             rate_limit_grace_ms: 5000,
             max_send_buffer_bytes: 1 << 20,
+            max_sync_bytes: 1 << 20,
+            max_json_depth: 64,
             handoff_queue: 4096,
             validation_timeout_ms: 5000,
             validation_queue: 1024,
@@ -370,13 +427,27 @@ impl Default for Limits {
 
 impl Default for Documents {
     fn default() -> Self {
-        Documents { ring_capacity: 1024, presence_ring_capacity: 256, history_ops: 10_000, idle_unload_ms: 30_000 }
+        Documents {
+            ring_capacity: 1024,
+            presence_ring_capacity: 256,
+            history_ops: 10_000,
+            idle_unload_ms: 30_000,
+            max_participants_listed: 100,
+            max_sessions: 10_000,
+        }
     }
 }
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth { mode: AuthMode::Dev, jwt_secret: String::new(), jwt_public_key_file: String::new() }
+        Auth {
+            mode: AuthMode::Dev,
+            jwt_secret: String::new(),
+            jwt_secret_file: String::new(),
+            jwt_secret_env: String::new(),
+            jwt_public_key_file: String::new(),
+            jwt_leeway_secs: 30,
+        }
     }
 }
 
@@ -442,16 +513,35 @@ impl Config {
         if l.handoff_queue == 0 || l.validation_queue == 0 {
             return invalid("limits.handoff_queue and limits.validation_queue must be at least 1");
         }
+        if l.max_sync_bytes == 0 {
+            return invalid("limits.max_sync_bytes must be at least 1");
+        }
+        if !(1..=100_000).contains(&l.max_json_depth) {
+            return invalid("limits.max_json_depth must be between 1 and 100000");
+        }
         let d = &self.documents;
         if d.ring_capacity == 0 || d.presence_ring_capacity == 0 {
             return invalid("documents.ring_capacity and documents.presence_ring_capacity must be at least 1");
         }
-        if self.auth.mode == AuthMode::Jwt
-            && self.auth.jwt_secret.is_empty()
-            && self.auth.jwt_public_key_file.is_empty()
-        {
-            return invalid("auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file");
+        if d.max_participants_listed == 0 || d.max_sessions == 0 {
+            return invalid("documents.max_participants_listed and documents.max_sessions must be at least 1");
         }
+        let a = &self.auth;
+        let sources = [&a.jwt_secret, &a.jwt_secret_file, &a.jwt_secret_env, &a.jwt_public_key_file];
+        if sources.iter().filter(|s| !s.is_empty()).count() > 1 {
+            return invalid(
+                "auth: set only one of jwt_secret, jwt_secret_file, jwt_secret_env and jwt_public_key_file",
+            );
+        }
+        if a.mode == AuthMode::Jwt && sources.iter().all(|s| s.is_empty()) {
+            return invalid(
+                "auth.mode = \"jwt\" needs auth.jwt_secret, auth.jwt_secret_file, auth.jwt_secret_env or auth.jwt_public_key_file",
+            );
+        }
+        if a.jwt_leeway_secs > 86_400 {
+            return invalid("auth.jwt_leeway_secs must be between 0 and 86400");
+        }
+        self.metrics.address()?;
         let st = &self.storage;
         if st.batch_ms > 1000 {
             return invalid("storage.batch_ms must be between 0 and 1000");
