@@ -144,19 +144,25 @@ pub trait Subscriber {
     fn notify(&self);
 }
 
-/// What `sync_request` can answer.
+/// What `sync_request` can answer: one page of it.
 #[derive(Debug)]
 pub enum Sync<'a> {
     /// History covers `since`: no snapshot, the operations after it.
-    History {
-        ops: Vec<SharedFrame>,
-    },
+    History { ops: Page },
     /// The snapshot plus the operations after it.
-    Snapshot {
-        snapshot: std::cell::Ref<'a, Snapshot>,
-        ops: Vec<SharedFrame>,
-    },
-    Unavailable,
+    Snapshot { snapshot: std::cell::Ref<'a, Snapshot>, ops: Page },
+    /// `since` is ahead of the document.
+    Ahead,
+    /// The history no longer covers `since`, and no snapshot helps.
+    Gone,
+}
+
+/// Operations of one `sync_response`: the next ones in order, as many as fit
+/// in the page's byte budget but at least one; `more` when some were left.
+#[derive(Debug)]
+pub struct Page {
+    pub ops: Vec<SharedFrame>,
+    pub more: bool,
 }
 
 impl std::fmt::Debug for DocumentHub {
@@ -295,10 +301,22 @@ impl DocumentHub {
         self.seq() + 1 - self.history.borrow().len() as u64
     }
 
-    fn history_after(&self, after: u64) -> Vec<SharedFrame> {
+    /// The operations after `after`, up to `max_bytes` of their frames'
+    /// payloads (at least one).
+    fn history_after(&self, after: u64, max_bytes: usize) -> Page {
         let h = self.history.borrow();
         let skip = (after + 1).saturating_sub(self.history_oldest()) as usize;
-        h.iter().skip(skip).cloned().collect()
+        let mut ops = Vec::new();
+        let mut bytes = 0usize;
+        for op in h.iter().skip(skip) {
+            let len = op.payload().len();
+            if !ops.is_empty() && bytes + len > max_bytes {
+                return Page { ops, more: true };
+            }
+            bytes += len;
+            ops.push(op.clone());
+        }
+        Page { ops, more: false }
     }
 
     /// Whether a snapshot at `seq` would replace the one held.
@@ -316,20 +334,20 @@ impl DocumentHub {
     }
 
     /// Answers `sync_request { since }` (`docs/protocol.md`, "Relay messages").
-    pub fn sync(&self, since: u64) -> Sync<'_> {
+    pub fn sync(&self, since: u64, max_bytes: usize) -> Sync<'_> {
         if since > self.seq() {
-            return Sync::Unavailable;
+            return Sync::Ahead;
         }
         if since + 1 >= self.history_oldest() {
-            return Sync::History { ops: self.history_after(since) };
+            return Sync::History { ops: self.history_after(since, max_bytes) };
         }
         let snap = self.snapshot.borrow();
         match snap.as_ref().map(|s| s.seq) {
             Some(s) if s + 1 >= self.history_oldest() => {
-                let ops = self.history_after(s);
+                let ops = self.history_after(s, max_bytes);
                 Sync::Snapshot { snapshot: std::cell::Ref::map(snap, |s| s.as_ref().unwrap()), ops }
             }
-            _ => Sync::Unavailable,
+            _ => Sync::Gone,
         }
     }
 }
@@ -370,19 +388,36 @@ mod tests {
             hub.publish_op(seq, 0, frame(seq));
         }
         // History holds 3..=5.
-        assert!(matches!(hub.sync(5), Sync::History { ops } if ops.is_empty()));
-        assert!(matches!(hub.sync(2), Sync::History { ops } if ops.len() == 3));
-        assert!(matches!(hub.sync(6), Sync::Unavailable));
-        assert!(matches!(hub.sync(1), Sync::Unavailable));
+        let all = usize::MAX;
+        assert!(matches!(hub.sync(5, all), Sync::History { ops } if ops.ops.is_empty() && !ops.more));
+        assert!(matches!(hub.sync(2, all), Sync::History { ops } if ops.ops.len() == 3 && !ops.more));
+        assert!(matches!(hub.sync(6, all), Sync::Ahead));
+        assert!(matches!(hub.sync(1, all), Sync::Gone));
         hub.store_snapshot(3, RawValue::from_string("{\"v\":3}".into()).unwrap());
         hub.store_snapshot(2, RawValue::from_string("{\"v\":2}".into()).unwrap());
-        match hub.sync(0) {
+        match hub.sync(0, all) {
             Sync::Snapshot { snapshot, ops } => {
                 assert_eq!((snapshot.seq, snapshot.state.get()), (3, "{\"v\":3}"));
-                assert_eq!(ops.len(), 2);
+                assert_eq!(ops.ops.len(), 2);
             }
             other => panic!("{other:?}"),
         };
+    }
+
+    #[test]
+    fn sync_pages_hold_at_most_their_budget_and_at_least_one_operation() {
+        let hub = DocumentHub::new("d", Capacity { ring: 8, presence: 4, history: 10 });
+        for seq in 1..=5 {
+            hub.publish_op(seq, 0, frame(seq));
+        }
+        // Each frame's payload is one byte ("1".."5").
+        let seqs = |p: &Page| p.ops.iter().map(|f| f.payload().to_vec()).collect::<Vec<_>>();
+        let Sync::History { ops } = hub.sync(0, 2) else { panic!() };
+        assert_eq!((seqs(&ops), ops.more), (vec![b"1".to_vec(), b"2".to_vec()], true));
+        let Sync::History { ops } = hub.sync(2, 0) else { panic!() };
+        assert_eq!((seqs(&ops), ops.more), (vec![b"3".to_vec()], true));
+        let Sync::History { ops } = hub.sync(3, 2) else { panic!() };
+        assert_eq!((seqs(&ops), ops.more), (vec![b"4".to_vec(), b"5".to_vec()], false));
     }
 
     #[test]
@@ -391,8 +426,8 @@ mod tests {
         let ops = (5..=7).map(frame).collect();
         let hub = DocumentHub::restore("d", cap, Restored { epoch: Epoch(3), seq: 7, ops, snapshot: None });
         assert_eq!((hub.seq(), hub.epoch_text.as_ref()), (7, "0000000000000003"));
-        assert!(matches!(hub.sync(5), Sync::History { ops } if ops.len() == 2));
-        assert!(matches!(hub.sync(4), Sync::Unavailable));
+        assert!(matches!(hub.sync(5, usize::MAX), Sync::History { ops } if ops.ops.len() == 2));
+        assert!(matches!(hub.sync(4, usize::MAX), Sync::Gone));
         assert_eq!(hub.assign_seq(), 8);
         assert!(hub.storing());
         hub.unassign();

@@ -528,12 +528,29 @@ fn slow_reader_is_lagged_and_recovers_with_sync() {
     }
     assert!(metric_sum(addr, "docrelay_lagged_total", cores) >= 1);
 
-    let m = call(&mut slow, &format!(r#"{{"type":"sync_request","since":{}}}"#, from - 1), "slow");
-    assert_eq!(m.kind(), "sync_response", "{}", m.v.to_string().chars().take(200).collect::<String>());
-    assert!(!m.binary);
-    assert_eq!(m.seq(), n);
-    assert!(m.v["snapshot"].is_null(), "the history covers `since`: no snapshot");
-    let ops = m.v["ops"].as_array().expect("ops");
+    // The missed operations (several MB) come in pages of at most
+    // `limits.max_sync_bytes`, each asked for with the last seq of the one before.
+    let mut ops: Vec<Value> = Vec::new();
+    let mut since = from - 1;
+    let mut pages = 0;
+    loop {
+        let m = call(&mut slow, &format!(r#"{{"type":"sync_request","since":{since}}}"#), "slow");
+        assert_eq!(m.kind(), "sync_response", "{}", m.v.to_string().chars().take(200).collect::<String>());
+        assert!(!m.binary);
+        assert_eq!(m.seq(), n);
+        assert!(m.v["snapshot"].is_null(), "the history covers `since`: no snapshot");
+        let page = m.v["ops"].as_array().expect("ops");
+        assert!(!page.is_empty(), "a page holds at least one operation");
+        let bytes: usize = page.iter().map(|o| o.to_string().len()).sum();
+        assert!(page.len() == 1 || bytes <= (1 << 20) + 4096, "a page of {bytes} bytes");
+        since = page.last().unwrap()["seq"].as_u64().unwrap();
+        ops.extend(page.iter().cloned());
+        pages += 1;
+        if !m.v["more"].as_bool().expect("`more` is always there") {
+            break;
+        }
+    }
+    assert!(pages > 1, "{} bytes of operations must take more than one page", ops.len() * LAG_PAD);
     let synced: Vec<u64> = ops.iter().map(|o| o["seq"].as_u64().unwrap()).collect();
     assert_eq!(synced, (from..=n).collect::<Vec<_>>(), "sync covers missed_from..=last ({from}..={to} missed)");
     for o in ops {
@@ -1009,6 +1026,7 @@ fn lagged_reader_recovers_while_operations_keep_flowing() {
 
     let mut sync = None;
     let mut last_op = to;
+    let mut synced: Vec<u64> = Vec::new();
     while last_op < n1 + n2 || sync.is_none() {
         let m = recv(&mut slow, "slow (recovering)");
         match m.kind() {
@@ -1018,11 +1036,16 @@ fn lagged_reader_recovers_while_operations_keep_flowing() {
             }
             "lagged" => last_op = m.u64("missed_to"),
             "sync_response" => {
-                let synced: Vec<u64> =
-                    m.v["ops"].as_array().expect("ops").iter().map(|o| o["seq"].as_u64().unwrap()).collect();
+                synced.extend(m.v["ops"].as_array().expect("ops").iter().map(|o| o["seq"].as_u64().unwrap()));
                 assert!(m.v["snapshot"].is_null());
-                assert_eq!(synced, (from..=m.seq()).collect::<Vec<_>>(), "sync covers missed_from onwards");
-                sync = Some(m.seq());
+                if m.v["more"].as_bool().expect("`more`") {
+                    // Pull the next page from the last seq of this one.
+                    let last = *synced.last().expect("a page holds at least one operation");
+                    slow.send(Message::text(format!(r#"{{"type":"sync_request","since":{last}}}"#))).unwrap();
+                } else {
+                    assert_eq!(synced, (from..=m.seq()).collect::<Vec<_>>(), "sync covers missed_from onwards");
+                    sync = Some(m.seq());
+                }
             }
             _ => panic!("slow: unexpected {}", m.v),
         }

@@ -27,12 +27,12 @@ mod common;
 use common::*;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -73,47 +73,8 @@ impl Proc {
     }
 
     /// Runs `cmd` and waits for its `listening on ADDR` line.
-    fn start(mut cmd: Command) -> Proc {
-        cmd.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("docrelay starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, lines): (_, Receiver<String>) = channel();
-        let pipe = child.stderr.take().unwrap();
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                {
-                    let mut log = sink.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + PATIENCE;
-        let addr = loop {
-            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("listening on ").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default();
-                        break addr.parse().unwrap_or_else(|_| panic!("no address in {line:?}"));
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("no `listening on` line; stderr:\n{}", log.lock().unwrap());
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = child.wait();
-                    panic!(
-                        "docrelay ended ({status:?}) without a `listening on` line; stderr:\n{}",
-                        log.lock().unwrap()
-                    );
-                }
-            }
-        };
+    fn start(cmd: Command) -> Proc {
+        let (child, addr, log) = spawn_listening(cmd, PATIENCE);
         Proc { child, addr, log }
     }
 

@@ -229,6 +229,7 @@ pub fn sync_response<'a>(
     epoch: &str,
     snapshot: Option<(u64, &str)>,
     ops: impl Iterator<Item = &'a [u8]>,
+    more: bool,
 ) -> Vec<u8> {
     let mut buf = OutFrame::payload_buffer(256);
     let _ = write!(buf, r#"{{"type":"sync_response","seq":{seq},"epoch":"{epoch}""#);
@@ -240,7 +241,7 @@ pub fn sync_response<'a>(
             buf.push(b'}');
         }
     }
-    buf.extend_from_slice(br#","ops":["#);
+    let _ = write!(buf, r#","more":{more},"ops":["#);
     for (i, op) in ops.enumerate() {
         if i > 0 {
             buf.push(b',');
@@ -281,7 +282,8 @@ mod tests {
         );
         let op = operation(7, 3, "\"u\"", br#"{"k": 1}"#);
         assert_eq!(op.payload(), br#"{"type":"operation","seq":7,"connection_id":3,"user_id":"u","payload":{"k": 1}}"#);
-        let sync = sync_response(7, "00000000000000ab", Some((5, "{}")), [op.payload()].into_iter());
+        let sync = sync_response(7, "00000000000000ab", Some((5, "{}")), [op.payload()].into_iter(), true);
+        assert_eq!(parsed(&sync)["more"], true);
         assert_eq!(parsed(&sync)["snapshot"], json!({"seq":5,"state":{}}));
         assert_eq!(parsed(&sync)["epoch"], "00000000000000ab");
         assert_eq!(

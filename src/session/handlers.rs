@@ -303,17 +303,23 @@ fn sync_response(shard: &Shard, session: &Session, hub: &DocumentHub, since: u64
         session.send_text(shard, encode::epoch_changed(&hub.epoch_text));
         return;
     }
-    let reply = match hub.sync(since) {
+    let max = shard.config.limits.max_sync_bytes;
+    let reply = match hub.sync(since, max) {
         Sync::History { ops } => {
-            encode::sync_response(hub.seq(), &hub.epoch_text, None, ops.iter().map(|op| op.payload()))
+            encode::sync_response(hub.seq(), &hub.epoch_text, None, ops.ops.iter().map(|op| op.payload()), ops.more)
         }
         Sync::Snapshot { snapshot, ops } => encode::sync_response(
             hub.seq(),
             &hub.epoch_text,
             Some((snapshot.seq, snapshot.state.get())),
-            ops.iter().map(|op| op.payload()),
+            ops.ops.iter().map(|op| op.payload()),
+            ops.more,
         ),
-        Sync::Unavailable => {
+        Sync::Ahead => {
+            let message = format!("`since` {since} is ahead of the document (its seq is {})", hub.seq());
+            return reply_error(shard, session, ErrorCode::HistoryUnavailable, &message);
+        }
+        Sync::Gone => {
             return reply_error(shard, session, ErrorCode::HistoryUnavailable, "the history no longer covers `since`");
         }
     };

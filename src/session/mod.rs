@@ -228,6 +228,16 @@ impl Session {
         true
     }
 
+    /// Queues the keepalive Ping (at most one per `limits.ping_interval_ms`).
+    /// It is not checked against the queue's limit: behind one large reply
+    /// (a `sync_response` page) that a client is reading steadily, a Ping
+    /// counted as overflow closed the client in the middle of that reply.
+    pub(crate) fn keepalive(&self, shard: &Shard) {
+        if self.is_open() {
+            self.push(shard, Rc::new(OutFrame::new(Kind::Ping, b"")));
+        }
+    }
+
     /// Appends to the queue without checks (a Close must always get in) and
     /// counts it in `messages_out`.
     fn push(&self, shard: &Shard, frame: SharedFrame) {

@@ -433,7 +433,7 @@ impl Shard {
                             session.begin_close(&self, close::GOING_AWAY, "idle timeout");
                         } else if quiet >= ping && now - session.last_ping.get() >= ping {
                             session.last_ping.set(now);
-                            session.send(&self, Rc::new(OutFrame::new(Kind::Ping, b"")));
+                            session.keepalive(&self);
                         }
                     }
                     _ => {}

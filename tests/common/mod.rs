@@ -3,11 +3,15 @@
 //! (tungstenite), raw sockets, /metrics scraping and temporary directories.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use docrelay::{Config, RelayHandle, RelayOptions};
 use tungstenite::stream::MaybeTlsStream;
@@ -345,4 +349,48 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Runs a relay command (the `docrelay` binary as a child process), collects
+/// its stderr on a thread (the pipe never fills), and waits up to `patience`
+/// for its `listening on ADDR` line. Panics with the log if it never comes.
+pub fn spawn_listening(mut cmd: Command, patience: Duration) -> (Child, SocketAddr, Arc<Mutex<String>>) {
+    cmd.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("docrelay starts");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, lines): (_, Receiver<String>) = channel();
+    let pipe = child.stderr.take().unwrap();
+    let sink = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + patience;
+    let addr = loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    break addr.parse().unwrap_or_else(|_| panic!("no address in {line:?}"));
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no `listening on` line; stderr:\n{}", log.lock().unwrap());
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = child.wait();
+                panic!("docrelay ended ({status:?}) without a `listening on` line; stderr:\n{}", log.lock().unwrap());
+            }
+        }
+    };
+    (child, addr, log)
 }
