@@ -286,3 +286,37 @@ fn clients_that_ask_for_a_long_history_and_never_read_cost_one_page_each() {
     let log = log.lock().unwrap();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Finding: a 500,000-deep array was stored and relayed to every peer.
+#[test]
+fn values_nested_deeper_than_max_json_depth_are_refused_and_the_session_stays() {
+    let relay = relay(config());
+    let addr = relay.local_addr();
+    let mut a = joined(addr, "deep", "a");
+    let mut b = joined(addr, "deep", "b");
+    let _ = next_text(&mut a); // b's user_joined
+    let nest = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+    for (what, msg) in [
+        ("payload", format!(r#"{{"type":"operation","payload":{}}}"#, nest(500_000))),
+        ("payload", format!(r#"{{"type":"operation","payload":{{"doc":{}}}}}"#, nest(64))),
+        ("payload", format!(r#"{{"type":"cursor","payload":{}}}"#, nest(65))),
+        ("state", format!(r#"{{"type":"snapshot","seq":0,"state":{}}}"#, nest(100))),
+    ] {
+        let e = request(&mut a, &msg);
+        assert_eq!(e["code"], "BAD_MESSAGE", "{}", e.to_string().chars().take(200).collect::<String>());
+        assert_eq!(e["message"], format!("field `{what}` is nested deeper than 64 levels"));
+    }
+    // Exactly the limit passes; brackets inside strings do not count.
+    let ack = request(&mut a, &format!(r#"{{"type":"operation","payload":{}}}"#, nest(64)));
+    assert_eq!((ack["type"].as_str(), ack["seq"].as_u64()), (Some("ack"), Some(1)), "{ack}");
+    let text = "[".repeat(1000);
+    let ack = request(&mut a, &format!(r#"{{"type":"operation","payload":{{"t":"{text}"}}}}"#));
+    assert_eq!(ack["seq"], 2, "{ack}");
+    // The peer got only the accepted ones.
+    for seq in [1, 2] {
+        let v: Value = serde_json::from_str(&next_text(&mut b)).unwrap();
+        assert_eq!((v["type"].as_str(), v["seq"].as_u64()), (Some("operation"), Some(seq)));
+    }
+    assert_pong(&mut a);
+    assert_pong(&mut b);
+}

@@ -1021,15 +1021,24 @@ fn sync_response_from_history_from_snapshot_or_history_unavailable() {
     let seen = ops_seen(&mut a, &mut b, 1, 3);
     // History covers since: no snapshot, the operations after since, each
     // the operation broadcast itself.
-    assert_eq!(sync(&mut b, 0), json!({"type": "sync_response", "seq": 3, "snapshot": null, "more": false, "ops": seen}));
-    assert_eq!(sync(&mut b, 1), json!({"type": "sync_response", "seq": 3, "snapshot": null, "more": false, "ops": seen[1..]}));
+    assert_eq!(
+        sync(&mut b, 0),
+        json!({"type": "sync_response", "seq": 3, "snapshot": null, "more": false, "ops": seen})
+    );
+    assert_eq!(
+        sync(&mut b, 1),
+        json!({"type": "sync_response", "seq": 3, "snapshot": null, "more": false, "ops": seen[1..]})
+    );
     assert_eq!(sync(&mut b, 3), json!({"type": "sync_response", "seq": 3, "snapshot": null, "more": false, "ops": []}));
     assert_error(&mut b, r#"{"type":"sync_request","since":4}"#, "HISTORY_UNAVAILABLE");
     assert_error(&mut b, r#"{"type":"sync_request","since":18446744073709551615}"#, "HISTORY_UNAVAILABLE");
 
     let mut seen = [seen, ops_seen(&mut a, &mut b, 4, 8)].concat();
     // History holds 4..=8: since 3 is still covered, since 2 is not.
-    assert_eq!(sync(&mut a, 3), json!({"type": "sync_response", "seq": 8, "snapshot": null, "more": false, "ops": seen[3..]}));
+    assert_eq!(
+        sync(&mut a, 3),
+        json!({"type": "sync_response", "seq": 8, "snapshot": null, "more": false, "ops": seen[3..]})
+    );
     assert_error(&mut a, r#"{"type":"sync_request","since":2}"#, "HISTORY_UNAVAILABLE");
     assert_error(&mut a, r#"{"type":"sync_request","since":0}"#, "HISTORY_UNAVAILABLE");
 
@@ -1038,11 +1047,13 @@ fn sync_response_from_history_from_snapshot_or_history_unavailable() {
     assert_error(&mut a, r#"{"type":"sync_request","since":0}"#, "HISTORY_UNAVAILABLE");
     // One the history continues: the snapshot and the operations after it.
     assert_eq!(ask(&mut a, r#"{"type":"snapshot","seq":5,"state":{"at":5}}"#)["seq"], 5);
-    let from_snapshot =
-        json!({"type": "sync_response", "seq": 8, "snapshot": {"seq": 5, "state": {"at": 5}}, "more": false, "ops": seen[5..]});
+    let from_snapshot = json!({"type": "sync_response", "seq": 8, "snapshot": {"seq": 5, "state": {"at": 5}}, "more": false, "ops": seen[5..]});
     assert_eq!(sync(&mut b, 0), from_snapshot);
     assert_eq!(sync(&mut b, 2), from_snapshot);
-    assert_eq!(sync(&mut b, 4), json!({"type": "sync_response", "seq": 8, "snapshot": null, "more": false, "ops": seen[4..]}));
+    assert_eq!(
+        sync(&mut b, 4),
+        json!({"type": "sync_response", "seq": 8, "snapshot": null, "more": false, "ops": seen[4..]})
+    );
 
     // The snapshot stays usable as the history moves on, until it no longer joins.
     seen.extend(ops_seen(&mut a, &mut b, 9, 10)); // history 6..=10
@@ -1062,7 +1073,10 @@ fn join_with_since_is_followed_by_a_sync_response() {
     let (mut c, _) = authed(addr, "/ws/documents/js", "carol");
     let j = ask(&mut c, r#"{"type":"join_document","since":6}"#);
     assert_eq!((j["type"].as_str(), j["seq"].as_u64()), (Some("joined_document"), Some(8)), "{j}");
-    assert_eq!(reply(&mut c), json!({"type": "sync_response", "seq": 8, "snapshot": null, "more": false, "ops": seen[6..]}));
+    assert_eq!(
+        reply(&mut c),
+        json!({"type": "sync_response", "seq": 8, "snapshot": null, "more": false, "ops": seen[6..]})
+    );
     // Then live operations, without a gap or a repeat.
     assert_eq!(broadcast(&mut a)["type"], "user_joined");
     assert_eq!(op(&mut a, "9"), 9);

@@ -161,9 +161,68 @@ pub fn field<'a, T: serde::Deserialize<'a>>(
     }
 }
 
+/// How deeply arrays and objects nest in a JSON value (0 for a scalar). The
+/// text must be valid JSON (a `RawValue` is); brackets inside strings do not
+/// count. Stops counting past `max`, so a hostile value costs one pass.
+pub fn nesting_depth(json: &str, max: usize) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > deepest {
+                    deepest = depth;
+                    if deepest > max {
+                        return deepest;
+                    }
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// A field check for a value relayed or stored as it is (`payload`,
+/// `state`): at most `max` levels of arrays and objects.
+pub fn check_depth(raw: &RawValue, name: &str, max: usize) -> Result<(), String> {
+    if nesting_depth(raw.get(), max) > max {
+        return Err(format!("field `{name}` is nested deeper than {max} levels"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_depth_counts_arrays_and_objects_outside_strings() {
+        assert_eq!(nesting_depth("1", 64), 0);
+        assert_eq!(nesting_depth(r#""[[[""#, 64), 0);
+        assert_eq!(nesting_depth(r#"{"a":[1,{"b":[]}],"c":{}}"#, 64), 4);
+        assert_eq!(nesting_depth(r#"["\"[", ["\\"], [[]]]"#, 64), 3);
+        let deep = format!("{}{}", "[".repeat(500_000), "]".repeat(500_000));
+        assert_eq!(nesting_depth(&deep, 64), 65, "stops counting past the limit");
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(check_depth(&RawValue::from_string(ok).unwrap(), "payload", 64).is_ok());
+        let over = format!("{}1{}", "{\"a\":".repeat(65), "}".repeat(65));
+        let err = check_depth(&RawValue::from_string(over).unwrap(), "state", 64).unwrap_err();
+        assert_eq!(err, "field `state` is nested deeper than 64 levels");
+    }
 
     #[test]
     fn checks_run_in_protocol_order() {

@@ -16,7 +16,7 @@ use super::{Session, Shard, Subscription};
 use crate::auth::AuthError;
 use crate::close;
 use crate::document::{DocumentHub, Sync};
-use crate::protocol::{self, check_state, encode, field, ClientType, Envelope, ErrorCode, Participant};
+use crate::protocol::{self, check_depth, check_state, encode, field, ClientType, Envelope, ErrorCode, Participant};
 use crate::store::record::Kind;
 
 /// Handles one complete Text message (UTF-8 already checked).
@@ -201,6 +201,7 @@ fn joined_hub(session: &Session) -> Option<std::rc::Rc<crate::document::Document
 
 fn operation(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
     let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
+    check_depth(payload, "payload", shard.config.limits.max_json_depth)?;
     let client_op_id = env.client_op_id.map(RawValue::get);
     if let Some(id) = client_op_id {
         if !matches!(id.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9')) {
@@ -281,6 +282,7 @@ pub(super) fn not_committed(shard: &Shard, c: Commit, why: &str) {
 
 fn cursor(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
     let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
+    check_depth(payload, "payload", shard.config.limits.max_json_depth)?;
     if !rate_ok(shard, session, &session.rates.cursors, shard.config.limits.max_cursor_per_sec) {
         return Ok(());
     }
@@ -329,6 +331,7 @@ fn sync_response(shard: &Shard, session: &Session, hub: &DocumentHub, since: u64
 fn snapshot(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
     let seq: u64 = field(env.seq, "seq", true)?.unwrap_or(0);
     let Some(state) = env.state else { return Err("missing field `state`".into()) };
+    check_depth(state, "state", shard.config.limits.max_json_depth)?;
     let Some(hub) = joined_hub(session) else { return Ok(()) };
     if seq > hub.seq() {
         reply_error(shard, session, ErrorCode::BadSnapshot, "snapshot seq is ahead of the document");
