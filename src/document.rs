@@ -133,7 +133,8 @@ pub struct DocumentHub {
     history: RefCell<VecDeque<SharedFrame>>,
     history_cap: usize,
     snapshot: RefCell<Option<Snapshot>>,
-    /// Joined sessions: their participant data and a waker for their writer.
+    /// Joined sessions: their participant data and a waker for their
+    /// writer, in `connection_id` order (the order they connected).
     subscribers: RefCell<Vec<(Participant, Rc<dyn Subscriber>)>>,
     /// Since when the document has had no subscribers (for unloading).
     pub(crate) empty_since: Cell<Option<Instant>>,
@@ -245,9 +246,21 @@ impl DocumentHub {
         self.ops.head() - 1
     }
 
-    /// Calls `f` with the participants, in join order, without copying them.
-    pub fn with_participants<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &Participant>) -> R) -> R {
-        f(&mut self.subscribers.borrow().iter().map(|(p, _)| p))
+    /// Calls `f` with a page of participants, without copying them: at most
+    /// `max` whose `connection_id` is above `after` (from the first with
+    /// `None`), in `connection_id` order, and the `connection_id` to ask
+    /// from for the next page (`None`: no participants after these).
+    pub fn with_participants<R>(
+        &self,
+        after: Option<u64>,
+        max: usize,
+        f: impl FnOnce(&mut dyn Iterator<Item = &Participant>, Option<u64>) -> R,
+    ) -> R {
+        let subs = self.subscribers.borrow();
+        let from = after.map_or(0, |a| subs.partition_point(|(p, _)| p.connection_id <= a));
+        let page = &subs[from..(from + max).min(subs.len())];
+        let next = if from + page.len() < subs.len() { page.last().map(|(p, _)| p.connection_id) } else { None };
+        f(&mut page.iter().map(|(p, _)| p), next)
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -255,13 +268,17 @@ impl DocumentHub {
     }
 
     pub fn subscribe(&self, participant: Participant, subscriber: Rc<dyn Subscriber>) {
-        self.subscribers.borrow_mut().push((participant, subscriber));
+        let mut subs = self.subscribers.borrow_mut();
+        let at = subs.partition_point(|(p, _)| p.connection_id < participant.connection_id);
+        subs.insert(at, (participant, subscriber));
         self.empty_since.set(None);
     }
 
     pub fn unsubscribe(&self, connection_id: u64) {
         let mut subs = self.subscribers.borrow_mut();
-        subs.retain(|(p, _)| p.connection_id != connection_id);
+        if let Ok(at) = subs.binary_search_by_key(&connection_id, |(p, _)| p.connection_id) {
+            subs.remove(at);
+        }
         if subs.is_empty() {
             self.empty_since.set(Some(Instant::now()));
         }

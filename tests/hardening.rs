@@ -320,3 +320,142 @@ fn values_nested_deeper_than_max_json_depth_are_refused_and_the_session_stays() 
     assert_pong(&mut a);
     assert_pong(&mut b);
 }
+
+/// A client authenticated as `user` that sends `join_document` and returns
+/// the reply.
+fn try_join(addr: SocketAddr, doc: &str, user: &str) -> (Client, Value) {
+    let mut ws = connect(addr, &doc_path(doc));
+    let a = request(&mut ws, &format!(r#"{{"type":"authenticate","token":"{user}"}}"#));
+    assert_eq!(a["success"], true, "{a}");
+    let j = request(&mut ws, r#"{"type":"join_document"}"#);
+    (ws, j)
+}
+
+fn ids(list: &Value) -> Vec<u64> {
+    list.as_array().expect("a participant list").iter().map(|p| p["connection_id"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn participants_are_listed_in_pages_and_a_full_document_refuses_joins() {
+    let mut c = config();
+    c.documents.max_participants_listed = 3;
+    c.documents.max_sessions = 8;
+    let relay = relay(c);
+    let addr = relay.local_addr();
+    let mut sessions = Vec::new();
+    let mut last = Value::Null;
+    for i in 0..8 {
+        let (ws, j) = try_join(addr, "crowd", &format!("u{i}"));
+        assert_eq!(j["type"], "joined_document", "{j}");
+        assert_eq!(j["participant_count"], i + 1);
+        assert_eq!(ids(&j["participants"]).len(), (i + 1).min(3) as usize, "{j}");
+        last = j;
+        sessions.push(ws);
+    }
+    // joined_document lists the first three by connection_id.
+    let first = ids(&last["participants"]);
+    assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
+
+    // The 9th join: DOCUMENT_FULL; the session stays open and unjoined.
+    let (mut ninth, e) = try_join(addr, "crowd", "u8");
+    assert_eq!(e["code"], "DOCUMENT_FULL", "{e}");
+    assert!(e["message"].as_str().unwrap().contains('8'), "{e}");
+    let e = request(&mut ninth, r#"{"type":"operation","payload":1}"#);
+    assert_eq!(e["code"], "NOT_JOINED", "{e}");
+    assert_pong(&mut ninth);
+
+    // list_participants pages through all eight, once each, in order.
+    let me = &mut sessions[7];
+    let mut all = Vec::new();
+    let mut after: Option<u64> = None;
+    loop {
+        let ask = match after {
+            None => r#"{"type":"list_participants"}"#.to_string(),
+            Some(a) => format!(r#"{{"type":"list_participants","after":{a}}}"#),
+        };
+        let mut page = request(me, &ask);
+        while page["type"] == "user_joined" {
+            page = serde_json::from_str(&next_text(me)).unwrap();
+        }
+        assert_eq!(page["type"], "participants", "{page}");
+        assert_eq!(page["participant_count"], 8);
+        let got = ids(&page["participants"]);
+        assert!(!got.is_empty() && got.len() <= 3, "{page}");
+        all.extend(got);
+        match page["next_after"].as_u64() {
+            Some(a) => after = Some(a),
+            None => {
+                assert!(page["next_after"].is_null(), "{page}");
+                break;
+            }
+        }
+    }
+    assert_eq!(all.len(), 8);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "{all:?}");
+    assert_eq!(&all[..3], &first[..]);
+    let e = request(me, r#"{"type":"list_participants","after":"x"}"#);
+    assert_eq!(e["code"], "BAD_MESSAGE", "{e}");
+
+    // One leaves: the refused session may join now.
+    drop(sessions.remove(0));
+    let mut joined_now = None;
+    for _ in 0..100 {
+        let j = request(&mut ninth, r#"{"type":"join_document"}"#);
+        if j["type"] == "joined_document" {
+            joined_now = Some(j);
+            break;
+        }
+        assert_eq!(j["code"], "DOCUMENT_FULL", "{j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(joined_now.expect("joined once a session left")["participant_count"], 8);
+}
+
+/// Finding: N sessions that join one document and do not read cost O(N²)
+/// (every `joined_document` listed every participant: 8,000 sessions took
+/// 2.15 GB). Now each lists at most `documents.max_participants_listed`.
+#[test]
+fn a_crowded_document_costs_linear_memory() {
+    const N: usize = 2500;
+    let dir = TempDir::new("hardening-crowd");
+    let config = dir.file("docrelay.toml", "[limits]\nmax_connections = 5000\n");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config", &config, "--listen", "127.0.0.1:0", "--cores", "0"]);
+    let (mut child, addr, log) = spawn_listening(cmd, Duration::from_secs(30));
+    let before = rss_bytes(child.id());
+    let mut crowd = Vec::with_capacity(N);
+    for i in 0..N {
+        // A small receive buffer, so that what the relay queues for these
+        // clients stays in the relay rather than in the kernel's buffers.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut s: TcpStream = socket.into();
+        s.write_all(upgrade_request(&doc_path("crowd")).as_bytes()).unwrap();
+        s.write_all(&client_frame(true, 0x1, format!(r#"{{"type":"authenticate","token":"u{i}"}}"#).as_bytes()))
+            .unwrap();
+        s.write_all(&client_frame(true, 0x1, br#"{"type":"join_document"}"#)).unwrap();
+        crowd.push(s); // never read
+    }
+    // Everyone is joined: a newcomer sees the count.
+    let mut probe = None;
+    for _ in 0..500 {
+        let (ws, j) = try_join(addr, "crowd", "probe");
+        if j["participant_count"].as_u64() == Some(N as u64 + 1) {
+            probe = Some((ws, j));
+            break;
+        }
+        drop(ws);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_probe, j) = probe.expect("all sessions joined");
+    assert_eq!(ids(&j["participants"]).len(), 100);
+    let grown = rss_bytes(child.id()).saturating_sub(before);
+    // Listing everyone would hold N²/2 participants (~290 MB here) in replies.
+    let per_session = grown / N as u64;
+    assert!(per_session < 40_000, "{per_session} bytes per session ({} MB in all)", grown >> 20);
+    drop(crowd);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!log.lock().unwrap().contains("panicked"));
+}

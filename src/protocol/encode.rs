@@ -125,6 +125,7 @@ pub fn joined<'a>(
     seq: u64,
     epoch: &str,
     participants: impl Iterator<Item = &'a Participant>,
+    participant_count: usize,
 ) -> Vec<u8> {
     #[derive(Serialize)]
     struct Joined<'d, P: Serialize> {
@@ -133,9 +134,28 @@ pub fn joined<'a>(
         seq: u64,
         epoch: &'d str,
         participants: P,
+        participant_count: usize,
     }
     let participants = SeqOnce(Cell::new(Some(participants)));
-    json_payload(128, &Joined { r#type: "joined_document", document_id, seq, epoch, participants })
+    json_payload(128, &Joined { r#type: "joined_document", document_id, seq, epoch, participants, participant_count })
+}
+
+/// `participants`: one page of a document's participants, and the
+/// `connection_id` to ask from for the next (`null` at the end).
+pub fn participants<'a>(
+    participants: impl Iterator<Item = &'a Participant>,
+    participant_count: usize,
+    next_after: Option<u64>,
+) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Page<P: Serialize> {
+        r#type: &'static str,
+        participants: P,
+        participant_count: usize,
+        next_after: Option<u64>,
+    }
+    let participants = SeqOnce(Cell::new(Some(participants)));
+    json_payload(128, &Page { r#type: "participants", participants, participant_count, next_after })
 }
 
 /// `left_document`.
@@ -273,9 +293,14 @@ mod tests {
         assert_eq!(parsed(&left("d1")), json!({"type":"left_document","document_id":"d1"}));
         let p = Participant { connection_id: 3, user_id: "u".into(), user_name: "U".into(), color: "#000000".into() };
         assert_eq!(
-            parsed(&joined("d1", 9, "00000000000000ab", [&p].into_iter())),
-            json!({"type":"joined_document","document_id":"d1","seq":9,"epoch":"00000000000000ab","participants":[{"connection_id":3,"user_id":"u","user_name":"U","color":"#000000"}]})
+            parsed(&joined("d1", 9, "00000000000000ab", [&p].into_iter(), 7)),
+            json!({"type":"joined_document","document_id":"d1","seq":9,"epoch":"00000000000000ab","participants":[{"connection_id":3,"user_id":"u","user_name":"U","color":"#000000"}],"participant_count":7})
         );
+        assert_eq!(
+            parsed(&participants([&p].into_iter(), 7, Some(3))),
+            json!({"type":"participants","participants":[{"connection_id":3,"user_id":"u","user_name":"U","color":"#000000"}],"participant_count":7,"next_after":3})
+        );
+        assert_eq!(parsed(&participants([].into_iter(), 0, None))["next_after"], Value::Null);
         assert_eq!(
             serde_json::from_slice::<Value>(user_joined(&p).payload()).unwrap(),
             json!({"type":"user_joined","connection_id":3,"user_id":"u","user_name":"U","color":"#000000"})

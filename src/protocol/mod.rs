@@ -28,6 +28,7 @@ pub enum ErrorCode {
     RateLimited,
     EpochChanged,
     Unavailable,
+    DocumentFull,
 }
 
 impl ErrorCode {
@@ -44,6 +45,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::EpochChanged => "EPOCH_CHANGED",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::DocumentFull => "DOCUMENT_FULL",
         }
     }
 }
@@ -58,6 +60,7 @@ pub enum ClientType {
     Cursor,
     SyncRequest,
     Snapshot,
+    ListParticipants,
     Ping,
 }
 
@@ -71,6 +74,7 @@ impl ClientType {
             "cursor" => ClientType::Cursor,
             "sync_request" => ClientType::SyncRequest,
             "snapshot" => ClientType::Snapshot,
+            "list_participants" => ClientType::ListParticipants,
             "ping" => ClientType::Ping,
             _ => return None,
         })
@@ -96,6 +100,8 @@ pub struct Envelope<'a> {
     pub state: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     pub epoch: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub after: Option<&'a RawValue>,
 }
 
 /// A field that is present, `null` included (plain `Option` would read a

@@ -63,6 +63,14 @@ fn handle(shard: &Shard, session: &Session, parsed: Result<(ClientType, Envelope
             Ok(())
         }),
         ClientType::Snapshot => snapshot(shard, session, &env),
+        ClientType::ListParticipants => field::<u64>(env.after, "after", false).map(|after| {
+            if let Some(hub) = joined_hub(session) {
+                let max = shard.config.documents.max_participants_listed;
+                let count = hub.subscriber_count();
+                let reply = hub.with_participants(after, max, |ps, next| encode::participants(ps, count, next));
+                session.send_text(shard, reply);
+            }
+        }),
     };
     if let Err(message) = result {
         reply_error(shard, session, ErrorCode::BadMessage, &message);
@@ -165,10 +173,19 @@ pub(super) fn finish_join(
             color: user.color.clone(),
         }
     };
+    let max_sessions = shard.config.documents.max_sessions;
+    if hub.subscriber_count() >= max_sessions {
+        let message = format!("the document has {max_sessions} sessions joined, the most it may have");
+        return reply_error(shard, session, ErrorCode::DocumentFull, &message);
+    }
     let user_joined = encode::user_joined(&participant);
     *session.sub.borrow_mut() = Some(Subscription::new(hub.clone()));
     hub.subscribe(participant, session.writer_waker.clone());
-    let reply = hub.with_participants(|ps| encode::joined(&session.info.document, hub.seq(), &hub.epoch_text, ps));
+    let listed = shard.config.documents.max_participants_listed;
+    let count = hub.subscriber_count();
+    let reply = hub.with_participants(None, listed, |ps, _| {
+        encode::joined(&session.info.document, hub.seq(), &hub.epoch_text, ps, count)
+    });
     session.send_text(shard, reply);
     shard.stats().broadcasts.add(1);
     hub.publish_presence(session.info.id, user_joined);

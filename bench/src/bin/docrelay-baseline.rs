@@ -610,6 +610,9 @@ impl Session {
             Kind::SyncRequest | Kind::Snapshot => {
                 return self.error(ErrorCode::UnknownType, "the baseline keeps no history: not supported").await
             }
+            Kind::ListParticipants => {
+                return self.error(ErrorCode::UnknownType, "the baseline does not page participants").await
+            }
         };
         match result {
             Ok(flow) => flow,
