@@ -322,7 +322,7 @@ pub enum AuthMode {
     Jwt,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     pub mode: AuthMode,
@@ -331,6 +331,22 @@ pub struct Auth {
     pub jwt_secret_env: String,
     pub jwt_public_key_file: String,
     pub jwt_leeway_secs: u64,
+}
+
+/// `Debug` without the secret: a formatted or logged configuration shows
+/// only whether `jwt_secret` is set (the file and variable are names).
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = if self.jwt_secret.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("Auth")
+            .field("mode", &self.mode)
+            .field("jwt_secret", &secret)
+            .field("jwt_secret_file", &self.jwt_secret_file)
+            .field("jwt_secret_env", &self.jwt_secret_env)
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_leeway_secs", &self.jwt_leeway_secs)
+            .finish()
+    }
 }
 
 /// The built-in connection validators.

@@ -428,7 +428,7 @@ fn jwt_bad_tokens_fail_with_auth_failed_and_4001() {
     let now = now_secs();
     let bad = [
         ("no exp", hs256("s3cret", &json!({"sub": "u1"}))),
-        ("expired", hs256("s3cret", &json!({"sub": "u1", "exp": now - 30}))),
+        ("expired", hs256("s3cret", &json!({"sub": "u1", "exp": now - 3600}))),
         ("wrong secret", hs256("other", &json!({"sub": "u1", "exp": now + 600}))),
         ("no sub", hs256("s3cret", &json!({"name": "x", "exp": now + 600}))),
         ("garbage", "not-a-jwt".to_string()),

@@ -104,12 +104,19 @@ fn authenticate(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<
         Ok(identity) => {
             let color =
                 session.info.color.clone().unwrap_or_else(|| crate::auth::palette_color(&identity.user_id).to_string());
+            // The token's expiry on the monotonic clock the ticker reads; one
+            // too far to represent never comes.
+            let expires_at = identity.expires_at.and_then(|at| {
+                let left = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+                std::time::Instant::now().checked_add(left)
+            });
             let user = User {
                 user_id_json: serde_json::to_string(&identity.user_id).unwrap_or_default(),
                 session_id: session_id(shard.session_nonce, session.info.id),
                 user_id: identity.user_id,
                 user_name: identity.user_name,
                 color,
+                expires_at,
             };
             let reply = encode::auth_ok(&user.user_id, &user.user_name, &user.session_id, session.info.id, &user.color);
             *session.auth.borrow_mut() = Auth::Authenticated(user);
@@ -117,9 +124,11 @@ fn authenticate(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<
         }
         Err(e) => {
             shard.registry.count_auth_failure();
+            // The client gets the short fixed message; the log the details.
+            tracing::info!(id = session.info.id, code = e.code(), detail = %e.detail(), "authentication failed");
             session.send_text(shard, encode::auth_failed(e.code(), &e.to_string()));
             let reason = match e {
-                AuthError::Failed(_) => "authentication failed",
+                AuthError::Failed { .. } => "authentication failed",
                 AuthError::Forbidden(_) => "forbidden",
             };
             session.begin_close(shard, e.close_code(), reason);

@@ -185,6 +185,12 @@ impl Session {
         }
     }
 
+    /// Whether the session's token has expired by `now` (its `exp` plus the
+    /// leeway passed; `docs/protocol.md`, "Authentication").
+    fn token_expired(&self, now: Instant) -> bool {
+        self.auth.borrow().user().and_then(|u| u.expires_at).is_some_and(|at| now >= at)
+    }
+
     /// A join is waiting for its document to load.
     fn join_pending(&self) {
         self.joining.set(true);

@@ -429,6 +429,8 @@ impl Shard {
                             session.info.mode == Mode::Document && !session.auth.borrow().is_authenticated();
                         if unauthenticated && now - session.connected_at >= auth_timeout {
                             session.begin_close(&self, close::AUTH_TIMEOUT, "authentication timeout");
+                        } else if session.token_expired(now) {
+                            session.begin_close(&self, close::AUTH_FAILED, "token expired");
                         } else if quiet >= idle {
                             session.begin_close(&self, close::GOING_AWAY, "idle timeout");
                         } else if quiet >= ping && now - session.last_ping.get() >= ping {

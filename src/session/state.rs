@@ -92,6 +92,9 @@ pub struct User {
     pub color: String,
     /// `user_id` as a JSON string, escaped once for every broadcast.
     pub user_id_json: String,
+    /// When the token's `exp` (plus `auth.jwt_leeway_secs`) passes: the
+    /// ticker then closes the session with 4001. `None`: never (`dev` mode).
+    pub expires_at: Option<Instant>,
 }
 
 /// Whether a session has authenticated, and as whom.
