@@ -1,5 +1,5 @@
 //! HTTP/1.1 request heads (httparse), routing, and every non-WebSocket answer
-//! the relay gives: the 101 upgrade, 4xx errors, `/healthz` (`docs/protocol.md`,
+//! the relay gives: the 101 upgrade, 4xx and 503 errors, `/healthz` (`docs/protocol.md`,
 //! "Endpoints"). Each [`HttpError`] maps to exactly one status line in
 //! [`HttpError::response`]. The `/metrics` body is the registry's.
 
@@ -34,6 +34,10 @@ pub enum HttpError {
     /// [`header_slots_for`] slots (answered 431 if it ever reaches a client).
     #[error("431 too many header fields")]
     TooManyHeaders,
+    /// The relay cannot take the connection now (no file descriptor or
+    /// registry slot to spare); answered with `Retry-After: 1`.
+    #[error("503 service unavailable: {0}")]
+    Unavailable(&'static str),
 }
 
 impl HttpError {
@@ -51,6 +55,7 @@ impl HttpError {
             HttpError::HeadTooLarge | HttpError::TooManyHeaders => {
                 response("431 Request Header Fields Too Large", "", "request head too large")
             }
+            HttpError::Unavailable(why) => response("503 Service Unavailable", "Retry-After: 1\r\n", why),
         }
     }
 }
@@ -96,6 +101,16 @@ impl<'b> Head<'b, '_> {
     /// The first header with this name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&'b [u8]> {
         self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+    }
+
+    /// Every header with this name (case-insensitive), in order.
+    pub fn headers_named<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'b [u8]> + 's {
+        self.headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+    }
+
+    /// How many headers have this name.
+    pub fn count(&self, name: &str) -> usize {
+        self.headers_named(name).count()
     }
 }
 
@@ -168,27 +183,49 @@ pub enum Route<'b> {
     Metrics { head: bool },
 }
 
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints<'a> {
+    /// The WebSocket routes: `/ws/documents/…`, and `echo_path` when not empty.
+    pub websocket: bool,
+    /// `/metrics` (`/healthz` is served on every listener).
+    pub metrics: bool,
+    /// The echo route of `[testing] echo_path`; empty: none.
+    pub echo_path: &'a str,
+}
+
+impl Endpoints<'_> {
+    /// The separate metrics listener (`metrics.listen`): `/healthz` and `/metrics`.
+    pub const METRICS_ONLY: Endpoints<'static> = Endpoints { websocket: false, metrics: true, echo_path: "" };
+}
+
 /// Decides what to answer, in the order `docs/protocol.md`, "Endpoints", gives:
-/// unknown path 404, wrong method 405, bad document id 400, no upgrade 426,
-/// bad version 426, bad key or HTTP version 400.
-pub fn route<'b>(head: &Head<'b, '_>, echo_path: &str) -> Result<Route<'b>, HttpError> {
-    // RFC 9112 section 3.2: an HTTP/1.1 request has exactly one Host.
-    if head.version == 1 && head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).count() != 1 {
+/// Host headers 400, a request body 400, unknown path 404, wrong method 405,
+/// bad document id 400, then the upgrade checks of [`check_upgrade`].
+pub fn route<'b>(head: &Head<'b, '_>, endpoints: &Endpoints<'_>) -> Result<Route<'b>, HttpError> {
+    // RFC 9112 section 3.2: an HTTP/1.1 request has exactly one Host; none
+    // has two (a proxy and the relay could each take another one).
+    let hosts = head.count("host");
+    if head.version == 1 && hosts != 1 {
         return Err(HttpError::BadRequest("HTTP/1.1 needs exactly one Host header"));
     }
+    if hosts > 1 {
+        return Err(HttpError::BadRequest("more than one Host header"));
+    }
+    check_no_body(head)?;
     enum Target<'b> {
         Document(&'b str),
         Echo,
         Health,
         Metrics,
     }
-    let target = if let Some(id) = head.path.strip_prefix(DOCUMENTS_PREFIX) {
+    let target = if let Some(id) = head.path.strip_prefix(DOCUMENTS_PREFIX).filter(|_| endpoints.websocket) {
         Target::Document(id)
     } else if head.path == "/healthz" {
         Target::Health
-    } else if head.path == "/metrics" {
+    } else if head.path == "/metrics" && endpoints.metrics {
         Target::Metrics
-    } else if !echo_path.is_empty() && head.path == echo_path {
+    } else if endpoints.websocket && !endpoints.echo_path.is_empty() && head.path == endpoints.echo_path {
         Target::Echo
     } else {
         return Err(HttpError::NotFound);
@@ -211,22 +248,70 @@ pub fn route<'b>(head: &Head<'b, '_>, echo_path: &str) -> Result<Route<'b>, Http
     }
 }
 
+/// The relay reads no request body, on any route: a body left unread would
+/// be taken for the next bytes of the connection (WebSocket frames after a
+/// 101), and a proxy in front could frame it otherwise (request smuggling).
+/// So `Transfer-Encoding` of any kind, a malformed or non-zero
+/// `Content-Length`, and `Content-Length`s that disagree are refused.
+fn check_no_body(head: &Head<'_, '_>) -> Result<(), HttpError> {
+    if head.count("transfer-encoding") > 0 {
+        return Err(HttpError::BadRequest("Transfer-Encoding is not accepted: requests to the relay have no body"));
+    }
+    let mut first: Option<&[u8]> = None;
+    let mut zero = true;
+    for value in head.headers_named("content-length").flat_map(|v| v.split(|b| *b == b',')) {
+        let value = value.trim_ascii();
+        if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+            return Err(HttpError::BadRequest("malformed Content-Length"));
+        }
+        // Compared as numbers: leading zeros do not count.
+        let digits = &value[value.iter().position(|b| *b != b'0').unwrap_or(value.len())..];
+        match first {
+            Some(f) if f != digits => return Err(HttpError::BadRequest("conflicting Content-Length headers")),
+            _ => first = Some(digits),
+        }
+        zero &= digits.is_empty();
+    }
+    if !zero {
+        return Err(HttpError::BadRequest("a request body is not accepted (Content-Length must be 0)"));
+    }
+    Ok(())
+}
+
 /// `document_id`: 1 to 128 bytes of `[A-Za-z0-9._~:-]`, taken as is.
 pub fn valid_document_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b':' | b'-'))
 }
 
-fn has_token(value: Option<&[u8]>, token: &str) -> bool {
-    value
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+/// Whether any header `name` lists `token` (comma-separated, case-insensitive).
+fn has_token(head: &Head<'_, '_>, name: &str, token: &str) -> bool {
+    head.headers_named(name).any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
+}
+
+/// The non-empty tokens of a comma-separated header value (not UTF-8: none).
+fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(value).unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
 /// Checks an upgrade request (RFC 6455 section 4.2.1) and returns the accept key.
 fn check_upgrade(head: &Head<'_, '_>) -> Result<String, HttpError> {
-    if !has_token(head.header("upgrade"), "websocket") || !has_token(head.header("connection"), "upgrade") {
+    // One of each: two keys or versions (or a second Upgrade) could be read
+    // one way by a proxy and another way here.
+    if head.count("upgrade") > 1 {
+        return Err(HttpError::BadRequest("more than one Upgrade header"));
+    }
+    if head.count("sec-websocket-key") > 1 {
+        return Err(HttpError::BadRequest("more than one Sec-WebSocket-Key header"));
+    }
+    if head.count("sec-websocket-version") > 1 {
+        return Err(HttpError::BadRequest("more than one Sec-WebSocket-Version header"));
+    }
+    if !has_token(head, "upgrade", "websocket") || !has_token(head, "connection", "upgrade") {
         return Err(HttpError::UpgradeRequired("this endpoint speaks WebSocket only"));
+    }
+    if head.header("upgrade").is_some_and(|v| tokens(v).any(|t| !t.eq_ignore_ascii_case("websocket"))) {
+        return Err(HttpError::BadRequest("Upgrade must name websocket alone"));
     }
     if head.header("sec-websocket-version").map(|v| v.trim_ascii()) != Some(b"13".as_slice()) {
         return Err(HttpError::UpgradeRequired("unsupported WebSocket version (13 only)"));
@@ -266,6 +351,12 @@ pub fn health() -> Vec<u8> {
     response("200 OK", "", "ok")
 }
 
+/// The answer to a client that arrives while the relay has no file
+/// descriptor to spare: it is accepted only to be told this, then closed.
+pub fn fd_limit() -> Vec<u8> {
+    HttpError::Unavailable("the relay is at its open-file limit; try again later").response()
+}
+
 /// A response cut after its head: the answer to HEAD, whose headers
 /// (`Content-Length` included) are those GET would get.
 pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
@@ -282,7 +373,7 @@ mod tests {
     fn route_of(raw: &str) -> Result<Route<'_>, HttpError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let head = parse_head(raw.as_bytes(), &mut headers, 8192)?.expect("complete");
-        route(&head, "/echo")
+        route(&head, &Endpoints { websocket: true, metrics: true, echo_path: "/echo" })
     }
 
     const UPGRADE: &str = "Host: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -329,6 +420,70 @@ mod tests {
             Err(HttpError::BadRequest(_))
         ));
         assert!(matches!(route_of(&format!("GET /echo HTTP/1.1\r\n{UPGRADE}")), Ok(Route::Echo { .. })));
+    }
+
+    /// Requests a proxy and the relay could frame differently are 400, on
+    /// every route; good requests are unchanged.
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let doc = |extra: &str| format!("GET /ws/documents/d HTTP/1.1\r\n{extra}{UPGRADE}");
+        let bad = [
+            doc("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+            doc("Sec-WebSocket-Version: 8\r\n"),
+            doc("Sec-WebSocket-Version: 13\r\n"),
+            doc("Upgrade: h2c\r\n"),
+            doc("Content-Length: 5\r\n"),
+            doc("Content-Length: 0\r\nContent-Length: 7\r\n"),
+            doc("Content-Length: 0, 7\r\n"),
+            doc("Content-Length: -1\r\n"),
+            doc("Content-Length: \r\n"),
+            doc("Transfer-Encoding: chunked\r\n"),
+            doc("Transfer-Encoding: identity\r\n"),
+            doc("Host: y\r\n"),
+            format!("GET /ws/documents/d HTTP/1.1\r\n{}", UPGRADE.replace("websocket", "websocket, h2c")),
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n".into(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            "GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n".into(),
+            "GET /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n".into(),
+        ];
+        for raw in &bad {
+            assert!(matches!(route_of(raw), Err(HttpError::BadRequest(_))), "{raw:?}: {:?}", route_of(raw));
+        }
+        // A body of length 0, said once or several times alike, is no body.
+        for extra in
+            ["Content-Length: 0\r\n", "Content-Length: 0\r\nContent-Length: 00\r\n", "Content-Length: 0, 0\r\n"]
+        {
+            assert!(matches!(route_of(&doc(extra)), Ok(Route::Document { .. })), "{extra:?}");
+        }
+        // Connection is a list that may be split over several lines.
+        let split =
+            UPGRADE.replace("Connection: keep-alive, Upgrade\r\n", "Connection: keep-alive\r\nConnection: Upgrade\r\n");
+        assert!(matches!(route_of(&format!("GET /ws/documents/d HTTP/1.1\r\n{split}")), Ok(Route::Document { .. })));
+        // Upgrade naming only another protocol is still "no upgrade" (426).
+        let h2c = format!("GET /ws/documents/d HTTP/1.1\r\n{}", UPGRADE.replace("websocket", "h2c"));
+        assert!(matches!(route_of(&h2c), Err(HttpError::UpgradeRequired(_))));
+        // The 503 says when to come back.
+        let unavailable = String::from_utf8(fd_limit()).unwrap();
+        assert!(unavailable.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{unavailable}");
+        assert!(unavailable.contains("\r\nRetry-After: 1\r\n") && unavailable.contains("\r\nConnection: close\r\n"));
+    }
+
+    #[test]
+    fn the_metrics_listener_serves_metrics_and_health_only() {
+        let on = |raw: &'static str, endpoints: Endpoints<'_>| {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let head = parse_head(raw.as_bytes(), &mut headers, 8192).unwrap().unwrap();
+            route(&head, &endpoints).map(|r| format!("{r:?}")).map_err(|e| e.to_string())
+        };
+        let main = Endpoints { websocket: true, metrics: false, echo_path: "/echo" };
+        assert_eq!(on("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", main), Err("404 not found".into()));
+        assert!(on("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", main).is_ok());
+        let m = Endpoints::METRICS_ONLY;
+        assert!(on("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", m).is_ok());
+        assert!(on("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", m).is_ok());
+        let upgrade = "GET /ws/documents/d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        assert_eq!(on(upgrade, m), Err("404 not found".into()));
+        assert_eq!(on("GET /echo HTTP/1.1\r\nHost: x\r\n\r\n", m), Err("404 not found".into()));
     }
 
     #[test]

@@ -216,6 +216,11 @@ impl FrameReader {
     }
 
     fn check_header(&self, h: &FrameHeader, len: u64) -> Result<(), WsError> {
+        // RFC 6455 section 5.2: "the most significant bit MUST be 0" in a
+        // 64-bit length. Such a length is malformed, not merely too big.
+        if len >> 63 != 0 {
+            return Err(WsError::new(close::PROTOCOL, "frame length with the most significant bit set"));
+        }
         if h.rsv1 || h.rsv2 || h.rsv3 {
             return Err(WsError::new(close::PROTOCOL, "reserved bits set"));
         }
@@ -563,6 +568,32 @@ mod tests {
         let mut wire = masked(0x2, false, &[0; 6]);
         wire.extend(masked(0x0, true, &[0; 5]));
         assert_eq!(collect(&mut r, &[&wire]).unwrap_err().code, close::TOO_BIG);
+    }
+
+    #[test]
+    fn a_64_bit_length_with_its_top_bit_set_is_a_protocol_error() {
+        // FIN + Binary, masked, 127: the 8-byte length follows.
+        let header = |len: u64| {
+            let mut w = vec![0x82, 0x80 | 127];
+            w.extend_from_slice(&len.to_be_bytes());
+            w.extend_from_slice(&[1, 2, 3, 4]);
+            w
+        };
+        for len in [1u64 << 63, u64::MAX, (1 << 63) | 5] {
+            let err = collect(&mut FrameReader::new(1 << 20), &[&header(len)]).unwrap_err();
+            assert_eq!(
+                err,
+                WsError::new(close::PROTOCOL, "frame length with the most significant bit set"),
+                "{len:#x}"
+            );
+            // The same when the header arrives in pieces (the split-frame path).
+            let wire = header(len);
+            let chunks: Vec<&[u8]> = wire.chunks(3).collect();
+            assert_eq!(collect(&mut FrameReader::new(1 << 20), &chunks).unwrap_err().code, close::PROTOCOL);
+        }
+        // Below the top bit, a length over the limit is still "too big".
+        let err = collect(&mut FrameReader::new(1 << 20), &[&header((1 << 63) - 1)]).unwrap_err();
+        assert_eq!(err.code, close::TOO_BIG);
     }
 
     #[test]

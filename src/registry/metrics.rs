@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{ConnectionManager, CoreStats, Rejection};
+use super::{ConnectionManager, CoreStats, Refused, Rejection};
 use crate::http;
 
 /// A per-core family: name, type, help, and the statistic.
@@ -37,6 +37,8 @@ const REJECTIONS: [(&str, Rejection); 5] = [
     ("validation", Rejection::Validation),
     ("validation_timeout", Rejection::ValidationTimeout),
 ];
+
+const REFUSALS: [(&str, Refused); 2] = [("fd_limit", Refused::FdLimit), ("registry_full", Refused::RegistryFull)];
 
 impl ConnectionManager {
     /// The whole `/metrics` response.
@@ -75,6 +77,12 @@ impl ConnectionManager {
             &mut REJECTIONS.iter().map(|(label, r)| (format!("{{reason=\"{label}\"}}"), self.rejections(*r))),
         );
         family(
+            "docrelay_connections_refused_total",
+            "counter",
+            "Connections answered 503 for lack of resources, by reason.",
+            &mut REFUSALS.iter().map(|(label, r)| (format!("{{reason=\"{label}\"}}"), self.refusals(*r))),
+        );
+        family(
             "docrelay_auth_failures_total",
             "counter",
             "Failed authenticate messages.",
@@ -106,5 +114,11 @@ mod tests {
         assert!(text.contains("docrelay_operations_total{core=\"2\"} 7\n"));
         assert!(text.contains("docrelay_active_connections 0\n"));
         assert!(text.contains("docrelay_peak_concurrent_connections 0\n"));
+        m.count_refusal(Refused::FdLimit);
+        m.count_refusal(Refused::FdLimit);
+        let text = m.metrics_text();
+        assert!(text.contains("# TYPE docrelay_connections_refused_total counter\n"));
+        assert!(text.contains("docrelay_connections_refused_total{reason=\"fd_limit\"} 2\n"), "{text}");
+        assert!(text.contains("docrelay_connections_refused_total{reason=\"registry_full\"} 0\n"));
     }
 }

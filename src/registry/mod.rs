@@ -98,6 +98,18 @@ impl Rejection {
     }
 }
 
+/// Why the relay turned a connection away for lack of resources, for
+/// `docrelay_connections_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// No file descriptor free: at accept (answered with the core's spare
+    /// descriptor), or for the hand-off to the document's core. Answered
+    /// 503, before any 101.
+    FdLimit,
+    /// No registry slot for the connection: answered 503 instead of 101.
+    RegistryFull,
+}
+
 /// Handle to a registered connection; dropping it does not unregister (the
 /// session does that explicitly in DISCONNECTED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +126,7 @@ pub struct ConnectionManager {
     http_requests: AtomicU64,
     auth_failures: AtomicU64,
     rejections: [AtomicU64; 5],
+    refusals: [AtomicU64; 2],
     per_ip: IpCounts,
     cores: Vec<CoreStats>,
 }
@@ -129,6 +142,7 @@ impl ConnectionManager {
             http_requests: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             rejections: Default::default(),
+            refusals: Default::default(),
             per_ip: IpCounts::default(),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
         }
@@ -189,6 +203,12 @@ impl ConnectionManager {
     }
     pub fn rejections(&self, why: Rejection) -> u64 {
         self.rejections[why as usize].load(Relaxed)
+    }
+    pub fn count_refusal(&self, why: Refused) {
+        self.refusals[why as usize].fetch_add(1, Relaxed);
+    }
+    pub fn refusals(&self, why: Refused) -> u64 {
+        self.refusals[why as usize].load(Relaxed)
     }
     pub fn count_auth_failure(&self) {
         self.auth_failures.fetch_add(1, Relaxed);

@@ -4,12 +4,19 @@
 //!
 //! After validation a connection whose document belongs to another core is
 //! sent there as a duplicated file descriptor plus the bytes already read
-//! past the request head, over that core's bounded flume channel.
+//! past the request head, over that core's bounded flume channel. The
+//! duplicate (like the registry entry) is taken before the 101: a relay
+//! without room answers 503 rather than drop an upgraded connection.
+//!
+//! Each core keeps a spare descriptor so that even at the open-file limit a
+//! new client is accepted and answered 503 instead of waiting in the
+//! backlog ([`accept_loop`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +29,7 @@ use crate::close;
 use crate::config::Config;
 use crate::http::{self, HttpError, Route};
 use crate::placement::owner_core;
-use crate::registry::{ConnKey, ConnectionManager, Rejection};
+use crate::registry::{ConnKey, ConnectionManager, Refused, Rejection};
 use crate::session::shard::ShardSetup;
 use crate::session::{CancelOnDrop, ConnInfo, Mode, Shard};
 use crate::validate::{self, ConnectionValidator, ValidationRequest, Verdict, Verdicts};
@@ -49,6 +56,10 @@ pub(crate) struct CoreSetup {
     pub(crate) shard: ShardSetup,
     /// This core's listening socket (bound in `start`).
     pub(crate) listener: OwnedFd,
+    /// The `metrics.listen` socket, on the one core that serves it.
+    pub(crate) metrics_listener: Option<OwnedFd>,
+    /// Shared by every core of the relay.
+    pub(crate) fd_pressure: Arc<FdPressure>,
     pub(crate) peers: Vec<flume::Sender<CoreMsg>>,
     pub(crate) rx: flume::Receiver<CoreMsg>,
     pub(crate) validator: Option<Arc<dyn ConnectionValidator>>,
@@ -62,7 +73,94 @@ struct Core {
     validator: Option<Arc<dyn ConnectionValidator>>,
     verdicts: Rc<Verdicts>,
     peers: Vec<flume::Sender<CoreMsg>>,
+    /// A descriptor kept open (on `/dev/null`) so that a client arriving
+    /// when no descriptor is free can still be accepted, told 503 and
+    /// closed, instead of waiting unanswered in the backlog. None while it is
+    /// given up for that, or could not be reopened.
+    spare: RefCell<Option<std::fs::File>>,
+    /// The 503 for those clients, built once.
+    fd_limit_answer: Vec<u8>,
+    fd_pressure: Arc<FdPressure>,
+    /// Rate limits of the warnings about failed accepts and hand-offs.
+    accept_warnings: Throttle,
+    handoff_warnings: Throttle,
 }
+
+/// When a core of the relay last found no descriptor free. The cores share
+/// one table of descriptors: the slot one core frees by closing its spare
+/// can be taken by another core's accept. While the relay is at the limit
+/// (a core found no descriptor free in the last [`FdPressure::WINDOW`]),
+/// every core therefore takes a connection only if one more descriptor is
+/// free beside it, and answers 503 otherwise.
+pub(crate) struct FdPressure {
+    base: Instant,
+    /// Milliseconds after `base`, plus 1, of the last time; 0: never.
+    last: AtomicU64,
+}
+
+impl FdPressure {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new() -> FdPressure {
+        FdPressure { base: Instant::now(), last: AtomicU64::new(0) }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A core found no descriptor free.
+    fn note(&self) {
+        self.last.store(self.now(), SeqCst);
+    }
+
+    /// Whether a core found no descriptor free lately.
+    fn recent(&self) -> bool {
+        let last = self.last.load(SeqCst);
+        last != 0 && self.now().saturating_sub(last) < Self::WINDOW.as_millis() as u64
+    }
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// The main address: WebSocket, `/healthz`, and `/metrics` unless
+    /// `metrics.listen` is set.
+    Main,
+    /// `metrics.listen`: `/metrics` and `/healthz` only.
+    Metrics,
+}
+
+/// A warning logged at most once per [`Throttle::EVERY`] per core, with how
+/// many times its cause happened since the last one: at the open-file
+/// limit a failed accept would otherwise be logged for every attempt.
+#[derive(Default)]
+struct Throttle {
+    last: Cell<Option<Instant>>,
+    count: Cell<u64>,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts one occurrence; Some(occurrences since the last report, this
+    /// one included) when a report is due now.
+    fn tick(&self) -> Option<u64> {
+        self.count.set(self.count.get() + 1);
+        let now = Instant::now();
+        if self.last.get().is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return None;
+        }
+        self.last.set(Some(now));
+        Some(self.count.replace(0))
+    }
+}
+
+/// How often a core at the open-file limit looks whether a client waits.
+const FD_LIMIT_POLL: Duration = Duration::from_millis(5);
+
+/// Back-off after an accept that failed for another reason (out of memory).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 impl Core {
     fn config(&self) -> &Config {
@@ -71,6 +169,65 @@ impl Core {
 
     fn registry(&self) -> &ConnectionManager {
         &self.shard.registry
+    }
+
+    /// Reopens the spare descriptor if it is not open; whether it is now.
+    fn keep_spare(&self) -> bool {
+        let mut spare = self.spare.borrow_mut();
+        if spare.is_none() {
+            *spare = std::fs::File::open("/dev/null").ok();
+        }
+        spare.is_some()
+    }
+
+    /// Whether a connection just accepted may be served: the spare is (or
+    /// could be re)opened beside it, and while the relay is at the limit
+    /// one more descriptor is free too ([`FdPressure`]). Otherwise it holds
+    /// the last free descriptor and is answered 503.
+    fn has_room(&self) -> bool {
+        if !self.keep_spare() {
+            return false;
+        }
+        // Opened and closed at once: only while the relay is at the limit.
+        !self.fd_pressure.recent() || std::fs::File::open("/dev/null").is_ok()
+    }
+
+    /// Answers a client that holds the last free descriptor with 503 and
+    /// closes it at once, without yielding, so that no other task takes the
+    /// descriptor meanwhile; then the spare is reopened in its place. What
+    /// the client already sent is read first, so that the close is a FIN and
+    /// not a reset that could destroy the answer.
+    fn refuse_at_fd_limit(&self, stream: TcpStream) {
+        let fd = stream.as_raw_fd();
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            // SAFETY: recv(2) into a buffer we own, on the socket `stream`
+            // owns and keeps open; MSG_DONTWAIT: it never blocks.
+            let n = unsafe { libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                break;
+            }
+        }
+        let answer = &self.fd_limit_answer;
+        // SAFETY: send(2) from a buffer we own on the same socket; it never
+        // blocks (MSG_DONTWAIT; a new socket's buffer holds the short
+        // answer) and raises no SIGPIPE (MSG_NOSIGNAL). shutdown(2) then
+        // sends the FIN at once, whoever else (io_uring) still holds the socket.
+        unsafe {
+            libc::send(fd, answer.as_ptr().cast(), answer.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+            libc::shutdown(fd, libc::SHUT_WR);
+        }
+        drop(stream);
+        self.registry().count_refusal(Refused::FdLimit);
+        self.keep_spare();
+        if let Some(refused) = self.accept_warnings.tick() {
+            warn!(
+                core = self.shard.index,
+                refused,
+                "accept failed: too many open files (ulimit -n); new connections are answered 503 \
+                 (refused counts them since the last report; reported at most every 10 s)"
+            );
+        }
     }
 
     /// Adopts a connection handed over by another core.
@@ -89,12 +246,24 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     let listen_raw = listen_fd.as_raw_fd();
     // SAFETY: a bound, listening socket whose ownership moves to glommio.
     let listener = unsafe { TcpListener::from_raw_fd(listen_fd.into_raw_fd()) };
+    let metrics_raw = setup.metrics_listener.as_ref().map(|fd| fd.as_raw_fd());
+    // SAFETY: as above, for the metrics listener.
+    let metrics_listener = setup.metrics_listener.map(|fd| unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) });
     let shard = Shard::new(setup.shard);
+    let spare = std::fs::File::open("/dev/null");
+    if let Err(e) = &spare {
+        warn!(core = index, error = %e, "cannot open a spare descriptor: clients at the open-file limit will wait");
+    }
     let core = Rc::new(Core {
         verdicts: Rc::new(Verdicts::new(shard.config.limits.validation_queue)),
         shard: shard.clone(),
         validator: setup.validator,
         peers: setup.peers,
+        spare: RefCell::new(spare.ok()),
+        fd_limit_answer: http::fd_limit(),
+        fd_pressure: setup.fd_pressure,
+        accept_warnings: Throttle::default(),
+        handoff_warnings: Throttle::default(),
     });
     let collector = CancelOnDrop(glommio::spawn_local(core.verdicts.clone().run()).detach());
     let ticker = CancelOnDrop(glommio::spawn_local(shard.clone().ticker()).detach());
@@ -113,7 +282,10 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     };
     let commits = CancelOnDrop(spawn_storage(Box::pin(shard.clone().commit_loop())));
     let flusher = shard.log.clone().map(|log| spawn_storage(Box::pin(log.run())));
-    let acceptor = glommio::spawn_local(accept_loop(core.clone(), listener)).detach();
+    let acceptor = glommio::spawn_local(accept_loop(core.clone(), listener, listen_raw, Listener::Main)).detach();
+    let metrics_acceptor = metrics_listener.zip(metrics_raw).map(|(listener, raw)| {
+        glommio::spawn_local(accept_loop(core.clone(), listener, raw, Listener::Metrics)).detach()
+    });
     let _ = setup.ready.send(index);
 
     while let Ok(msg) = setup.rx.recv_async().await {
@@ -133,6 +305,13 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     unsafe { libc::shutdown(listen_raw, libc::SHUT_RDWR) };
     acceptor.cancel();
     acceptor.await;
+    if let (Some(raw), Some(acceptor)) = (metrics_raw, metrics_acceptor) {
+        // SAFETY: as above, on the metrics listener, open until its
+        // acceptor is cancelled and awaited here.
+        unsafe { libc::shutdown(raw, libc::SHUT_RDWR) };
+        acceptor.cancel();
+        acceptor.await;
+    }
     // Close every session with 1001; connections handed to us meanwhile are
     // closed the same way, as they are adopted. Wait until the last session
     // has ended, at most `shutdown_grace_ms`.
@@ -205,18 +384,65 @@ async fn drain_until(core: &Core, rx: &flume::Receiver<CoreMsg>, deadline: Insta
     }
 }
 
-async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
+/// Accepts on one listener (`listen_fd` is its descriptor) until cancelled.
+///
+/// At the open-file limit the kernel fails every accept at once, whether a
+/// client waits or not, and a waiting client would hang in the backlog. So
+/// the core then looks (every [`FD_LIMIT_POLL`]) whether a client waits,
+/// gives up its spare descriptor, accepts the client into it and answers it
+/// 503 ([`Core::refuse_at_fd_limit`]), and reopens the spare.
+async fn accept_loop(core: Rc<Core>, listener: TcpListener, listen_fd: RawFd, kind: Listener) {
     loop {
         match listener.accept().await {
-            Ok(stream) => core.shard.spawn_tracked(handshake(core.clone(), stream)),
+            Ok(stream) => {
+                if core.has_room() {
+                    core.shard.spawn_tracked(handshake(core.clone(), stream, kind));
+                } else {
+                    // The client took the slot of the spare, and no other
+                    // descriptor is free.
+                    core.refuse_at_fd_limit(stream);
+                }
+            }
             Err(_) if core.shard.is_shutting_down() => return,
+            Err(e) if is_fd_limit(&e) => {
+                core.fd_pressure.note();
+                while !has_waiting_client(listen_fd) {
+                    sleep(FD_LIMIT_POLL).await;
+                }
+                // Noted again: the other cores must see it before the slot
+                // of the spare is free (see `FdPressure`).
+                core.fd_pressure.note();
+                if core.spare.borrow_mut().take().is_none() {
+                    // No spare to give up (another core took the slot it
+                    // freed): get one back as soon as a descriptor frees up.
+                    if let Some(failed) = core.accept_warnings.tick() {
+                        warn!(core = core.shard.index, error = %e, failed, "accept failed, and no spare descriptor to answer 503 with");
+                    }
+                    sleep(FD_LIMIT_POLL).await;
+                    core.keep_spare();
+                }
+            }
             Err(e) => {
-                // Out of file descriptors or memory: back off instead of spinning.
-                warn!(error = %e, core = core.shard.index, "accept failed");
-                sleep(Duration::from_millis(50)).await;
+                // Out of memory or buffers: back off instead of spinning.
+                if let Some(failed) = core.accept_warnings.tick() {
+                    warn!(core = core.shard.index, error = %e, failed, "accept failed (reported at most every 10 s)");
+                }
+                sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
+}
+
+/// EMFILE or ENFILE: no descriptor free for the process or the system.
+fn is_fd_limit(e: &glommio::GlommioError<()>) -> bool {
+    matches!(e, glommio::GlommioError::IoError(io) if matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
+}
+
+/// Whether a connection waits to be accepted on the listener `fd`.
+fn has_waiting_client(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll(2) on one pollfd we own, with timeout 0: it never blocks.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
 }
 
 /// What a handshake produced.
@@ -281,7 +507,7 @@ async fn answer_and_close(config: &Config, mut stream: TcpStream, answer: &[u8])
 }
 
 /// UPGRADING and VALIDATING for one accepted connection, then its hand-off.
-async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
+async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
     let config = core.config();
     let limits = &config.limits;
     let registry = core.registry();
@@ -311,7 +537,15 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
         Ok(Some(h)) => h,
         _ => return, // parsed complete a moment ago
     };
-    let route = match http::route(&head, &config.testing.echo_path) {
+    let endpoints = match kind {
+        Listener::Main => http::Endpoints {
+            websocket: true,
+            metrics: config.metrics.listen.is_empty(),
+            echo_path: &config.testing.echo_path,
+        },
+        Listener::Metrics => http::Endpoints::METRICS_ONLY,
+    };
+    let route = match http::route(&head, &endpoints) {
         Ok(r) => r,
         Err(e) => {
             registry.count_rejection(Rejection::of_http(&e));
@@ -328,14 +562,50 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
         Route::Document { id, accept } => (id, accept, Mode::Document),
         Route::Echo { accept } => (head.path, accept, Mode::Echo),
     };
-    if stream.write_all(&http::switching_protocols(&accept)).await.is_err() {
-        return;
-    }
-    // UPGRADING is done: register (VALIDATING) so the peak counts it.
+    // Everything the connection needs beyond its socket is taken before the
+    // 101, so that a relay without room says so (503) while the connection
+    // is still plain HTTP, instead of dropping it after its 101. First, for
+    // a document of another core, the descriptor of its hand-off: a
+    // duplicate of ours, which travels to the owner core while our copy
+    // closes.
+    let index = core.shard.index;
+    let owner = match mode {
+        Mode::Echo => index,
+        Mode::Document => owner_core(document, core.peers.len()),
+    };
+    let handoff_fd = if owner == index {
+        None
+    } else {
+        // SAFETY: dup(2) of the socket fd `stream` owns and keeps open.
+        let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+        if dup < 0 {
+            let error = std::io::Error::last_os_error();
+            registry.count_refusal(Refused::FdLimit);
+            if let Some(refused) = core.handoff_warnings.tick() {
+                warn!(
+                    %error,
+                    refused,
+                    "cannot hand off connection: answered 503 (refused counts them since the last report; \
+                     reported at most every 10 s)"
+                );
+            }
+            answer_and_close(config, stream, &core.fd_limit_answer).await;
+            return;
+        }
+        // SAFETY: `dup` is a fresh, valid fd that nothing else owns.
+        Some(unsafe { OwnedFd::from_raw_fd(dup) })
+    };
+    // Then its registry entry (VALIDATING, so the peak counts it).
     let Some((key, id)) = registry.register(peer, document) else {
+        registry.count_refusal(Refused::RegistryFull);
+        let answer = HttpError::Unavailable("the relay has no room for another connection; try again later");
+        answer_and_close(config, stream, &answer.response()).await;
         return;
     };
     let registration = Registration { registry, key, peer, ip_counted: Cell::new(false), armed: true };
+    if stream.write_all(&http::switching_protocols(&accept)).await.is_err() {
+        return; // `registration` unregisters
+    }
     let color = http::query_param(head.query, "color").and_then(http::parse_color);
     let request =
         ValidationRequest { headers: head.headers, path: head.path, query: head.query, peer, document_id: document };
@@ -353,30 +623,25 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
         answer_and_close(config, stream, OutFrame::close(code, &reason).bytes()).await;
         return; // `registration` unregisters
     }
-    let index = core.shard.index;
-    let owner = match mode {
-        Mode::Echo => index,
-        Mode::Document => owner_core(&info.document, core.peers.len()),
-    };
-    if owner == index {
+    let Some(fd) = handoff_fd else {
         registration.disarm();
         core.shard.adopt(stream, info, pending);
         return;
-    }
-    // Move to the owner core: a duplicate of the fd travels; our copy closes.
-    // SAFETY: dup(2) of the socket fd we own; the new fd is owned by OwnedFd.
-    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
-    if dup < 0 {
-        warn!(error = %std::io::Error::last_os_error(), "cannot hand off connection");
-        return;
-    }
-    // SAFETY: `dup` is a fresh, valid fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    };
     drop(stream);
-    // If the owner has stopped (shutdown), the message and its fd are
-    // dropped, which closes the connection, and `registration` unregisters.
-    if core.peers[owner].send_async(CoreMsg::Adopt(Handoff { fd, info, pending })).await.is_ok() {
-        registration.disarm();
+    match core.peers[owner].send_async(CoreMsg::Adopt(Handoff { fd, info, pending })).await {
+        Ok(()) => registration.disarm(),
+        // The owner has stopped (shutdown): the client is told so, and
+        // `registration` unregisters.
+        Err(flume::SendError(msg)) => {
+            if let CoreMsg::Adopt(h) = msg {
+                // SAFETY: the fd came back with the message that was not
+                // sent; nothing else owns it.
+                let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+                let close = OutFrame::close(close::GOING_AWAY, "relay shutting down");
+                answer_and_close(config, stream, close.bytes()).await;
+            }
+        }
     }
 }
 

@@ -23,22 +23,30 @@ pub fn bind_listeners(addr: SocketAddr, cores: usize) -> Result<(SocketAddr, Vec
     if addr.port() != 0 {
         drop(std::net::TcpListener::bind(addr).map_err(in_use)?);
     }
-    let (first, bound) = bind_listener(addr).map_err(in_use)?;
+    let (first, bound) = bind_listener(addr, true).map_err(in_use)?;
     let mut fds = vec![first];
     for _ in 1..cores {
-        fds.push(bind_listener(bound).map_err(in_use)?.0);
+        fds.push(bind_listener(bound, true).map_err(in_use)?.0);
     }
     Ok((bound, fds))
 }
 
-/// A listening socket on `addr` that shares the port with the other cores.
-/// Returns its fd, which stays ours so that shutdown can stop the kernel
-/// from accepting on it.
-fn bind_listener(addr: SocketAddr) -> std::io::Result<(OwnedFd, SocketAddr)> {
+/// Binds the one listener of `metrics.listen` (served by one core). Without
+/// SO_REUSEPORT, so an address anyone listens on (the main address
+/// included) fails at start.
+pub fn bind_metrics_listener(addr: SocketAddr) -> Result<(SocketAddr, OwnedFd), StartError> {
+    let (fd, bound) = bind_listener(addr, false).map_err(|source| StartError::MetricsListen { addr, source })?;
+    Ok((bound, fd))
+}
+
+/// A listening socket on `addr`, sharing the port with the other cores when
+/// `shared`. Returns its fd, which stays ours so that shutdown can stop the
+/// kernel from accepting on it.
+fn bind_listener(addr: SocketAddr, shared: bool) -> std::io::Result<(OwnedFd, SocketAddr)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(shared)?;
     socket.set_cloexec(true)?;
     // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
     // setsockopt here instead of one per connection.

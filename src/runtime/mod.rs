@@ -22,7 +22,7 @@ mod core;
 mod host;
 mod listen;
 
-use self::core::{core_main, CoreMsg, CoreSetup};
+use self::core::{core_main, CoreMsg, CoreSetup, FdPressure};
 pub use host::MIN_MEMLOCK_BYTES;
 
 /// Registered io_uring buffer memory per executor (locked memory, so kept
@@ -47,6 +47,8 @@ pub enum StartError {
     AddressInUse { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen for /metrics (metrics.listen) on {addr}: {source}")]
+    MetricsListen { addr: SocketAddr, source: std::io::Error },
     #[error(
         "locked memory limit (ulimit -l) is {have_kib} KiB; docrelay needs at least {need_kib} KiB for io_uring. \
          Raise it with `ulimit -l {need_kib}` (or LimitMEMLOCK= in a systemd unit, --ulimit memlock= in Docker)"
@@ -78,6 +80,7 @@ pub struct RelayOptions {
 /// A running relay. Dropping it shuts the relay down and waits for it.
 pub struct RelayHandle {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     control: Vec<flume::Sender<CoreMsg>>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     registry: Arc<ConnectionManager>,
@@ -90,6 +93,12 @@ impl RelayHandle {
     /// The address the relay accepts on (the real port when 0 was configured).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address `/metrics` is served on when `metrics.listen` is set (the
+    /// real port when 0 was configured); None: on [`RelayHandle::local_addr`].
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The connection registry and statistics.
@@ -170,11 +179,20 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     let mut logs = logs.into_iter();
     let (addr, mut listeners) = listen::bind_listeners(config.listen, cores)?;
     listeners.reverse();
+    // `metrics.listen`: one listener, served by core 0.
+    let (metrics_addr, mut metrics_listener) = match config.metrics.address()? {
+        Some(at) => {
+            let (bound, fd) = listen::bind_metrics_listener(at)?;
+            (Some(bound), Some(fd))
+        }
+        None => (None, None),
+    };
     let registry = Arc::new(ConnectionManager::new(cores));
     let config = Arc::new(config);
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..cores).map(|_| flume::bounded::<CoreMsg>(config.limits.handoff_queue)).unzip();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
+    let fd_pressure = Arc::new(FdPressure::new());
 
     let mut threads = Vec::with_capacity(cores);
     let mut handle_err = None;
@@ -190,6 +208,8 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
                 log: logs.next().flatten(),
             },
             listener: listeners.pop().expect("one listener per core"),
+            metrics_listener: metrics_listener.take(),
+            fd_pressure: fd_pressure.clone(),
             peers: senders.clone(),
             rx,
             validator: options.validator.clone(),
@@ -210,8 +230,15 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     }
     drop(ready_tx);
 
-    let mut handle =
-        RelayHandle { addr, control: senders, threads, registry, cpus: cpus.clone(), _storage_lock: storage_lock };
+    let mut handle = RelayHandle {
+        addr,
+        metrics_addr,
+        control: senders,
+        threads,
+        registry,
+        cpus: cpus.clone(),
+        _storage_lock: storage_lock,
+    };
     if let Some(e) = handle_err {
         return Err(e);
     }
@@ -237,6 +264,9 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
         }
     }
     info!(cores = cores, cpus = ?cpus, max_connections = config.limits.max_connections.unwrap_or_default(), "listening on {addr}");
+    if let Some(at) = metrics_addr {
+        info!("metrics listening on {at}");
+    }
     handle.addr = addr;
     Ok(handle)
 }
