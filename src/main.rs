@@ -7,6 +7,16 @@ use clap::{Parser, Subcommand};
 use docrelay::{Config, Cores, RelayOptions};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings: a background thread gives freed pages back to the
+/// system within about a second, off the cores' threads.
+#[cfg(feature = "jemalloc")]
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[derive(Parser)]
 #[command(name = "docrelay", version, about = "WebSocket relay for collaborative documents")]
 struct Cli {
