@@ -540,6 +540,54 @@ fn the_recommended_locked_memory_limit_is_enough() {
     assert_eq!(proc.wait().code(), Some(0), "{}", proc.stderr());
 }
 
+/// A command that runs the relay without `CAP_IPC_LOCK` (as `nobody` when the
+/// tests run as root), with a locked-memory limit of `kib`.
+fn unprivileged(kib: u64, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    // SAFETY: only async-signal-safe calls (setrlimit, getuid, setgroups,
+    // setgid, setuid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: kib * 1024, rlim_max: kib * 1024 };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getuid() == 0
+                && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Without `CAP_IPC_LOCK` every executor's rings count against the limit:
+/// the relay asks for enough per executor, and starts with what it asks for.
+#[test]
+fn without_ipc_lock_locked_memory_is_needed_per_executor() {
+    let per = docrelay::runtime::MEMLOCK_PER_EXECUTOR_BYTES / 1024;
+    let started = Instant::now();
+    let stderr = expect_start_failure(Proc::spawn_command(unprivileged(
+        per / 2,
+        &["serve", "--listen", "127.0.0.1:0", "--cores", "0"],
+    )));
+    assert!(stderr.contains(&format!("ulimit -l {per}")), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "the refusal took {:?}", started.elapsed());
+
+    let mut proc = Proc::spawn_command(unprivileged(per, &["serve", "--listen", "127.0.0.1:0", "--cores", "0"]));
+    let addr = proc.listening();
+    let mut ws = connect(addr, "/ws/documents/memlock-unprivileged");
+    assert_pong(&mut ws);
+    proc.signal(libc::SIGTERM);
+    assert_eq!(expect_close(&mut ws).0, 1001);
+    let _ = ws.flush();
+    assert_eq!(proc.wait().code(), Some(0), "{}", proc.stderr());
+}
+
 #[test]
 fn dev_auth_on_a_public_address_needs_allow_insecure() {
     let stderr = expect_start_failure(Proc::spawn(&["serve", "--listen", "0.0.0.0:0", "--cores", "0"]));

@@ -63,8 +63,37 @@ pub(crate) struct CoreSetup {
     pub(crate) peers: Vec<flume::Sender<CoreMsg>>,
     pub(crate) rx: flume::Receiver<CoreMsg>,
     pub(crate) validator: Option<Arc<dyn ConnectionValidator>>,
-    /// Told this core's index once it accepts.
-    pub(crate) ready: std::sync::mpsc::Sender<usize>,
+    /// Tells `start` whether this core started.
+    pub(crate) ready: Ready,
+}
+
+/// Reports to `start` whether a core started: `Ok(index)` once it accepts,
+/// `Err(index)` when dropped before that (its executor could not be created,
+/// e.g. for lack of locked memory), so that `start` never waits for a core
+/// that is gone.
+pub(crate) struct Ready {
+    tx: std::sync::mpsc::Sender<Result<usize, usize>>,
+    index: usize,
+    sent: bool,
+}
+
+impl Ready {
+    pub(crate) fn new(tx: std::sync::mpsc::Sender<Result<usize, usize>>, index: usize) -> Ready {
+        Ready { tx, index, sent: false }
+    }
+
+    fn started(&mut self) {
+        self.sent = true;
+        let _ = self.tx.send(Ok(self.index));
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        if !self.sent {
+            let _ = self.tx.send(Err(self.index));
+        }
+    }
 }
 
 /// The connection path of one core, beside its shard.
@@ -240,7 +269,7 @@ impl Core {
     }
 }
 
-pub(crate) async fn core_main(setup: CoreSetup) {
+pub(crate) async fn core_main(mut setup: CoreSetup) {
     let index = setup.shard.index;
     let listen_fd = setup.listener;
     let listen_raw = listen_fd.as_raw_fd();
@@ -286,7 +315,7 @@ pub(crate) async fn core_main(setup: CoreSetup) {
     let metrics_acceptor = metrics_listener.zip(metrics_raw).map(|(listener, raw)| {
         glommio::spawn_local(accept_loop(core.clone(), listener, raw, Listener::Metrics)).detach()
     });
-    let _ = setup.ready.send(index);
+    setup.ready.started();
 
     while let Ok(msg) = setup.rx.recv_async().await {
         match msg {

@@ -23,7 +23,7 @@ mod host;
 mod listen;
 
 use self::core::{core_main, CoreMsg, CoreSetup, FdPressure};
-pub use host::MIN_MEMLOCK_BYTES;
+pub use host::{MEMLOCK_PER_EXECUTOR_BYTES, MIN_MEMLOCK_BYTES};
 
 /// Registered io_uring buffer memory per executor (locked memory, so kept
 /// small): the log's writes use it when they fit, larger ones the heap.
@@ -149,7 +149,7 @@ impl Drop for RelayHandle {
 pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, StartError> {
     config.validate()?;
     let cpus = config.cores.resolve()?;
-    host::check_memlock()?;
+    host::check_memlock(cpus.len())?;
     config.limits.max_connections = Some(host::connection_limit(config.limits.max_connections));
     if config.auth.mode == AuthMode::Dev {
         if !config.listen.ip().is_loopback() && !options.allow_insecure {
@@ -191,7 +191,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     let config = Arc::new(config);
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..cores).map(|_| flume::bounded::<CoreMsg>(config.limits.handoff_queue)).unzip();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, usize>>();
     let fd_pressure = Arc::new(FdPressure::new());
 
     let mut threads = Vec::with_capacity(cores);
@@ -213,7 +213,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
             peers: senders.clone(),
             rx,
             validator: options.validator.clone(),
-            ready: ready_tx.clone(),
+            ready: core::Ready::new(ready_tx.clone(), index),
         };
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("docrelay-core{index}"))
@@ -246,7 +246,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     // without starting (its executor failed): stop the others, and report
     // the first failure with its CPU.
     for _ in 0..cores {
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        if !matches!(ready_rx.recv_timeout(Duration::from_secs(30)), Ok(Ok(_))) {
             handle.shutdown();
             let failed = handle
                 .threads
