@@ -13,11 +13,9 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -109,30 +107,6 @@ fn assert_refused(addr: SocketAddr, token: &str, message: &str) {
     assert!(v.get("user_id").is_none(), "{v}");
     assert_eq!(expect_close(&mut ws), (4001, "authentication failed".to_string()), "after {v}");
 }
-
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl").args(args).output().unwrap_or_else(|e| {
-        panic!("the `openssl` command is needed to generate the RS256/ES256 test keys; install OpenSSL ({e})")
-    });
-    assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Generates a key pair with `openssl`: the private key (PKCS#8 PEM) and the
-/// path of the public key (SPKI PEM).
-fn key_pair(dir: &Path, name: &str, genpkey: &[&str]) -> (Vec<u8>, String) {
-    let private = dir.join(format!("{name}.key.pem"));
-    let public = dir.join(format!("{name}.pub.pem"));
-    let private_s = private.to_str().unwrap();
-    let mut args = vec!["genpkey"];
-    args.extend_from_slice(genpkey);
-    args.extend_from_slice(&["-out", private_s]);
-    openssl(&args);
-    openssl(&["pkey", "-in", private_s, "-pubout", "-out", public.to_str().unwrap()]);
-    (std::fs::read(&private).unwrap(), public.to_str().unwrap().to_string())
-}
-
-const RSA: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
-const EC_P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
 
 // ---------------------------------------------------------------------------
 // exp, nbf, iat and the leeway
@@ -401,20 +375,7 @@ impl Proc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("docrelay starts");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = channel();
-        let pipe = child.stderr.take().unwrap();
-        let log = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut l = log.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-                drop(l);
-                let _ = tx.send(line);
-            }
-        });
+        let (stderr, lines) = collect_stderr(&mut child);
         Proc { child, lines, stderr }
     }
 

@@ -6,10 +6,10 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,18 +37,7 @@ impl Proc {
     fn spawn_command(mut cmd: Command) -> Proc {
         cmd.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("docrelay starts");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = channel();
-        let err_pipe = child.stderr.take().unwrap();
-        let log = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().push_str(&line);
-                log.lock().unwrap().push('\n');
-                let _ = tx.send(line);
-            }
-        });
+        let (stderr, lines) = collect_stderr(&mut child);
         let mut out_pipe = child.stdout.take().unwrap();
         let stdout = std::thread::spawn(move || {
             let mut text = String::new();

@@ -10,11 +10,11 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -184,21 +184,7 @@ impl Proc {
     fn spawn(mut cmd: Command) -> Proc {
         cmd.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("docrelay starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = channel();
-        let pipe = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                {
-                    let mut log = sink.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
+        let (log, lines) = collect_stderr(&mut child);
         Proc { child, lines, log }
     }
 

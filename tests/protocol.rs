@@ -10,7 +10,6 @@ use common::*;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -222,30 +221,6 @@ fn jwt_relay(secret: &str) -> Relay {
         c.auth.jwt_secret = secret.into();
     })
 }
-
-fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl").args(args).output().unwrap_or_else(|e| {
-        panic!("the `openssl` command is needed to generate the RS256/ES256 test keys; install OpenSSL ({e})")
-    });
-    assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Generates a key pair with the `openssl` command: returns the private key
-/// (PKCS#8 PEM) and the path of the public key (SPKI PEM).
-fn key_pair(dir: &Path, name: &str, genpkey: &[&str]) -> (Vec<u8>, String) {
-    let private = dir.join(format!("{name}.key.pem"));
-    let public = dir.join(format!("{name}.pub.pem"));
-    let private_s = private.to_str().unwrap();
-    let mut args = vec!["genpkey"];
-    args.extend_from_slice(genpkey);
-    args.extend_from_slice(&["-out", private_s]);
-    openssl(&args);
-    openssl(&["pkey", "-in", private_s, "-pubout", "-out", public.to_str().unwrap()]);
-    (std::fs::read(&private).unwrap(), public.to_str().unwrap().to_string())
-}
-
-const RSA: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
-const EC_P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
 
 // ---------------------------------------------------------------------------
 // Authentication: `dev` mode

@@ -357,21 +357,7 @@ impl Drop for TempDir {
 pub fn spawn_listening(mut cmd: Command, patience: Duration) -> (Child, SocketAddr, Arc<Mutex<String>>) {
     cmd.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("docrelay starts");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, lines): (_, Receiver<String>) = channel();
-    let pipe = child.stderr.take().unwrap();
-    let sink = log.clone();
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-            let _ = tx.send(line);
-        }
-    });
+    let (log, lines) = collect_stderr(&mut child);
     let deadline = Instant::now() + patience;
     let addr = loop {
         match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -394,3 +380,48 @@ pub fn spawn_listening(mut cmd: Command, patience: Duration) -> (Child, SocketAd
     };
     (child, addr, log)
 }
+
+/// Reads a child's stderr on a thread, so that the pipe never fills: all of
+/// it lands in the returned text, and each line on the channel as it comes.
+pub fn collect_stderr(child: &mut Child) -> (Arc<Mutex<String>>, Receiver<String>) {
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, lines) = channel();
+    let pipe = child.stderr.take().expect("stderr is piped");
+    let sink = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+            let _ = tx.send(line);
+        }
+    });
+    (log, lines)
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl").args(args).output().unwrap_or_else(|e| {
+        panic!("the `openssl` command is needed to generate the RS256/ES256 test keys; install OpenSSL ({e})")
+    });
+    assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Generates a key pair with the `openssl` command: returns the private key
+/// (PKCS#8 PEM) and the path of the public key (SPKI PEM).
+pub fn key_pair(dir: &Path, name: &str, genpkey: &[&str]) -> (Vec<u8>, String) {
+    let private = dir.join(format!("{name}.key.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    let private_s = private.to_str().unwrap();
+    let mut args = vec!["genpkey"];
+    args.extend_from_slice(genpkey);
+    args.extend_from_slice(&["-out", private_s]);
+    openssl(&args);
+    openssl(&["pkey", "-in", private_s, "-pubout", "-out", public.to_str().unwrap()]);
+    (std::fs::read(&private).unwrap(), public.to_str().unwrap().to_string())
+}
+
+pub const RSA: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+pub const EC_P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
