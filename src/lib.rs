@@ -54,10 +54,14 @@ pub use session::Phase;
 /// a terminal. Shared by the relay and the baseline binaries.
 pub fn init_logging() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // glommio's reactor logs one error of its own, when its probe of a
-        // device for io_uring polling fails; the log's write-only segments
-        // fail it on purpose (src/store/log.rs, `roll`).
+    // glommio's reactor logs one error of its own, when its probe of a
+    // device for io_uring polling fails; the log's write-only segments fail
+    // it on purpose (src/store/log.rs, `create_segment`). Off unless RUST_LOG
+    // names glommio itself.
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let directives =
+        if directives.contains("glommio") { directives } else { format!("{directives},glommio::reactor=off") };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,glommio::reactor=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

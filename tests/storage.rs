@@ -655,6 +655,37 @@ fn fsync_never_keeps_what_was_written_before_a_kill_9() {
     proc.assert_no_panic();
 }
 
+/// A relative `storage.dir` is the working directory's (it failed every
+/// write with EBADF), and a log level set in RUST_LOG still leaves out
+/// glommio's complaint about the write-only segments.
+#[test]
+fn a_relative_storage_dir_works_and_logs_no_error() {
+    let tmp = TempDir::new("relative");
+    let config = tmp.file("relay.toml", "listen = \"127.0.0.1:0\"\ncores = [0]\n\n[storage]\ndir = \"data\"\n");
+    let start = || {
+        let mut cmd = Proc::command(&config, "0");
+        cmd.current_dir(tmp.path()).env("RUST_LOG", "info");
+        Proc::start(cmd)
+    };
+    let doc = "relative";
+    let mut proc = start();
+    let mut c = proc.client(doc, "writer");
+    assert_eq!(c.join()["seq"], 0);
+    for seq in 1..=5 {
+        assert_eq!(c.ack(&plain_payload(doc, seq), &format!("op-{seq}")), seq);
+    }
+    proc.kill();
+    drop(c);
+    assert!(!segments(&tmp.path().join("data")).is_empty(), "no segment under the working directory's data/");
+    let mut proc = start();
+    let mut c = proc.client(doc, "reader");
+    assert_eq!(c.join()["seq"], 5);
+    assert_ops(&c.sync(0).ops, 1, 5, |s| plain_payload(doc, s), "after kill -9");
+    proc.term_and_wait();
+    let stderr = proc.stderr();
+    assert!(!stderr.contains(" ERROR "), "{stderr}");
+}
+
 fn write_then_kill(config: &str, doc: &str, n: u64) {
     let mut proc = Proc::serve(config, "0");
     let mut c = proc.client(doc, "writer");

@@ -164,6 +164,12 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     let (mut logs, storage_lock) = if config.storage.dir.is_empty() {
         (Vec::new(), None)
     } else {
+        // Absolute from here on: glommio opens the directory for its syncs
+        // with openat(-1, dir), which fails for a relative path (every write
+        // then failed with EBADF).
+        let dir = std::path::absolute(&config.storage.dir)
+            .map_err(|e| crate::config::ConfigError::Invalid(format!("storage.dir {}: {e}", config.storage.dir)))?;
+        config.storage.dir = dir.to_string_lossy().into_owned();
         host::ignore_file_size_signal();
         let s = &config.storage;
         let r = crate::store::recover::recover(

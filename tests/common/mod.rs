@@ -354,8 +354,12 @@ impl Drop for TempDir {
 /// Runs a relay command (the `docrelay` binary as a child process), collects
 /// its stderr on a thread (the pipe never fills), and waits up to `patience`
 /// for its `listening on ADDR` line. Panics with the log if it never comes.
+/// `RUST_LOG` is the relay's default unless `cmd` sets it.
 pub fn spawn_listening(mut cmd: Command, patience: Duration) -> (Child, SocketAddr, Arc<Mutex<String>>) {
-    cmd.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env_remove("RUST_LOG");
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("docrelay starts");
     let (log, lines) = collect_stderr(&mut child);
     let deadline = Instant::now() + patience;
