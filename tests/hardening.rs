@@ -459,3 +459,38 @@ fn a_crowded_document_costs_linear_memory() {
     let _ = child.wait();
     assert!(!log.lock().unwrap().contains("panicked"));
 }
+
+/// An `error` that answers an operation carries its `client_op_id`, so that a
+/// client can reject the right pending send.
+#[test]
+fn errors_that_answer_an_operation_carry_its_client_op_id() {
+    let mut c = config();
+    c.limits.max_ops_per_sec = 1;
+    let relay = relay(c);
+    let addr = relay.local_addr();
+    // Not joined yet: NOT_JOINED with the id.
+    let mut ws = connect(addr, &doc_path("op-ids"));
+    request(&mut ws, r#"{"type":"authenticate","token":"a"}"#);
+    let e = request(&mut ws, r#"{"type":"operation","payload":1,"client_op_id":"before-join"}"#);
+    assert_eq!((e["code"].as_str(), e["client_op_id"].as_str()), (Some("NOT_JOINED"), Some("before-join")), "{e}");
+    request(&mut ws, r#"{"type":"join_document"}"#);
+    // BAD_MESSAGE for a field of the operation: the id, byte for byte (a number stays one).
+    let e = request(&mut ws, r#"{"type":"operation","client_op_id":7.50}"#);
+    assert_eq!(e["code"], "BAD_MESSAGE", "{e}");
+    assert!(e.to_string().contains(r#""client_op_id":7.5"#), "{e}");
+    // RATE_LIMITED: the first passes, the second in the same second is dropped.
+    let ack = request(&mut ws, r#"{"type":"operation","payload":1,"client_op_id":"first"}"#);
+    assert_eq!((ack["type"].as_str(), ack["client_op_id"].as_str()), (Some("ack"), Some("first")), "{ack}");
+    let e = request(&mut ws, r#"{"type":"operation","payload":2,"client_op_id":"second"}"#);
+    assert_eq!((e["code"].as_str(), e["client_op_id"].as_str()), (Some("RATE_LIMITED"), Some("second")), "{e}");
+    // Without an id, or with an invalid one, no id.
+    let e = request(&mut ws, r#"{"type":"operation","payload":3}"#);
+    assert_eq!(e["code"], "RATE_LIMITED");
+    assert!(e.get("client_op_id").is_none(), "{e}");
+    let e = request(&mut ws, r#"{"type":"operation","payload":3,"client_op_id":true}"#);
+    assert_eq!(e["code"], "BAD_MESSAGE");
+    assert!(e.get("client_op_id").is_none(), "{e}");
+    // Other messages' errors carry none.
+    let e = request(&mut ws, r#"{"type":"sync_request"}"#);
+    assert!(e["code"] == "BAD_MESSAGE" && e.get("client_op_id").is_none(), "{e}");
+}

@@ -34,11 +34,14 @@ fn handle(shard: &Shard, session: &Session, parsed: Result<(ClientType, Envelope
         Ok(m) => m,
         Err((code, message)) => return reply_error(shard, session, code, message),
     };
+    // An error in reply to an operation names it by its `client_op_id`.
+    let op_id = if kind == ClientType::Operation { client_op_id(&env) } else { None };
     // Step 3: state.
     let authenticated = session.auth.borrow().is_authenticated();
     let joined = session.sub.borrow().is_some();
     if let Some((code, message)) = check_state(kind, authenticated, joined) {
-        return reply_error(shard, session, code, message);
+        session.send_text(shard, encode::op_error(code, message, op_id));
+        return;
     }
     // Steps 4 and 5, then the effect.
     let result = match kind {
@@ -73,22 +76,30 @@ fn handle(shard: &Shard, session: &Session, parsed: Result<(ClientType, Envelope
         }),
     };
     if let Err(message) = result {
-        reply_error(shard, session, ErrorCode::BadMessage, &message);
+        session.send_text(shard, encode::op_error(ErrorCode::BadMessage, &message, op_id));
     }
+}
+
+/// An operation's `client_op_id` as the client wrote it, when it is one (a
+/// string or a number).
+fn client_op_id<'a>(env: &Envelope<'a>) -> Option<&'a str> {
+    env.client_op_id.map(RawValue::get).filter(|id| matches!(id.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9')))
 }
 
 fn reply_error(shard: &Shard, session: &Session, code: ErrorCode, message: &str) {
     session.send_text(shard, encode::error(code, message));
 }
 
-/// Applies a rate limit; returns false when the message is dropped.
-fn rate_ok(shard: &Shard, session: &Session, window: &Window, limit: u32) -> bool {
+/// Applies a rate limit; returns false when the message is dropped (the
+/// `RATE_LIMITED` error carries the operation's `op_id`, if any).
+fn rate_ok(shard: &Shard, session: &Session, window: &Window, limit: u32, op_id: Option<&str>) -> bool {
     let grace = Duration::from_millis(shard.config.limits.rate_limit_grace_ms);
     match window.check(shard.clock.now(), limit, grace) {
         Rate::Allow => true,
         Rate::Drop => {
             shard.stats().rate_limited.add(1);
-            reply_error(shard, session, ErrorCode::RateLimited, "rate limit exceeded; message dropped");
+            let reply = encode::op_error(ErrorCode::RateLimited, "rate limit exceeded; message dropped", op_id);
+            session.send_text(shard, reply);
             false
         }
         Rate::Close => {
@@ -228,13 +239,11 @@ fn joined_hub(session: &Session) -> Option<std::rc::Rc<crate::document::Document
 fn operation(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
     let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
     check_depth(payload, "payload", shard.config.limits.max_json_depth)?;
-    let client_op_id = env.client_op_id.map(RawValue::get);
-    if let Some(id) = client_op_id {
-        if !matches!(id.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9')) {
-            return Err("field `client_op_id` must be a string or a number".into());
-        }
+    if env.client_op_id.is_some() && client_op_id(env).is_none() {
+        return Err("field `client_op_id` must be a string or a number".into());
     }
-    if !rate_ok(shard, session, &session.rates.ops, shard.config.limits.max_ops_per_sec) {
+    let client_op_id = client_op_id(env);
+    if !rate_ok(shard, session, &session.rates.ops, shard.config.limits.max_ops_per_sec, client_op_id) {
         return Ok(());
     }
     let Some(hub) = joined_hub(session) else { return Ok(()) };
@@ -309,7 +318,7 @@ pub(super) fn not_committed(shard: &Shard, c: Commit, why: &str) {
 fn cursor(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), String> {
     let Some(payload) = env.payload else { return Err("missing field `payload`".into()) };
     check_depth(payload, "payload", shard.config.limits.max_json_depth)?;
-    if !rate_ok(shard, session, &session.rates.cursors, shard.config.limits.max_cursor_per_sec) {
+    if !rate_ok(shard, session, &session.rates.cursors, shard.config.limits.max_cursor_per_sec, None) {
         return Ok(());
     }
     let Some(hub) = joined_hub(session) else { return Ok(()) };
