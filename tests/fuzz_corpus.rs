@@ -14,7 +14,7 @@ use docrelay::ws::encode_client_frame;
 
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
-const KEY_HEADERS: &str = "Host: localhost:9001\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+const KEY_HEADERS: &str = "Host: relay.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
