@@ -79,6 +79,13 @@ export interface ResetEvent {
   epoch: string;
 }
 
+/** A catch-up began (`active`) or ended: a resume, a `lagged` recovery, a reload after `reset`. */
+export interface SyncEvent {
+  active: boolean;
+  /** `client.seq` when it began or ended. */
+  seq: number;
+}
+
 export interface Joined {
   document_id: string;
   seq: number;
@@ -104,6 +111,7 @@ export interface EventMap {
   error: ClientErrorEvent;
   snapshot: SnapshotEvent;
   reset: ResetEvent;
+  sync: SyncEvent;
 }
 
 export declare const DEFAULT_BACKOFF: Readonly<Required<BackoffOptions>>;
@@ -125,6 +133,8 @@ export declare class DocRelayClient {
   readonly epoch: string | null;
   readonly status: Status | "idle";
   readonly connectionId: number | null;
+  /** True while catching up (see the "sync" event). */
+  readonly syncing: boolean;
 }
 
 export default DocRelayClient;

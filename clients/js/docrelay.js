@@ -166,6 +166,12 @@ export class DocRelayClient {
     }
   }
 
+  _setSyncing(active) {
+    if (this._syncing === active) return;
+    this._syncing = active;
+    this._emit("sync", { active, seq: this._seq });
+  }
+
   _setStatus(s) {
     if (this._status === s) return;
     this._status = s;
@@ -185,6 +191,10 @@ export class DocRelayClient {
   }
   get status() {
     return this._status;
+  }
+  /** True while the client is catching up (a resume, a `lagged` recovery, a reload). */
+  get syncing() {
+    return this._syncing;
   }
   get connectionId() {
     return this._joinedInfo ? this._joinedInfo.connection_id : null;
@@ -365,7 +375,7 @@ export class DocRelayClient {
     this._ws = null;
     this._joined = false;
     this._catchingUp = false;
-    this._syncing = false;
+    this._setSyncing(false);
     this._resyncWanted = false;
     this._expectEpochChanged = false;
     this._participants.clear();
@@ -493,11 +503,11 @@ export class DocRelayClient {
       // A reconnect: resume after the last applied seq of our epoch.
       join.since = this._seq;
       join.epoch = this._epoch;
-      this._syncing = true;
+      this._setSyncing(true);
     } else if (this._since !== null) {
       join.since = this._since;
       this._seq = this._since;
-      this._syncing = true;
+      this._setSyncing(true);
     }
     this._rawSend(JSON.stringify(join));
   }
@@ -527,7 +537,7 @@ export class DocRelayClient {
       // A new history: EPOCH_CHANGED follows in place of the sync_response.
       this._reset(msg.epoch);
       this._expectEpochChanged = true;
-      this._syncing = true;
+      this._setSyncing(true);
     }
     if (this._syncing) this._catchingUp = true;
     else this._caughtUp();
@@ -579,7 +589,7 @@ export class DocRelayClient {
     if (code === "HISTORY_UNAVAILABLE" && this._syncing) {
       // The missed operations are gone from the relay: report it, and go on from the
       // next operation that arrives.
-      this._syncing = false;
+      this._setSyncing(false);
       this._resyncWanted = false;
       this._skipGap = true;
       this._emit("error", { code, message: msg.message });
@@ -605,7 +615,7 @@ export class DocRelayClient {
   }
 
   _startSync(since) {
-    this._syncing = true;
+    this._setSyncing(true);
     this._resyncWanted = false;
     const m = { type: "sync_request", since };
     if (this._epoch !== null) m.epoch = this._epoch;
@@ -630,11 +640,11 @@ export class DocRelayClient {
       this._rawSend(JSON.stringify(m));
       return;
     }
-    this._syncing = false;
     if (this._resyncWanted) {
-      this._startSync(this._seq);
+      this._startSync(this._seq); // still syncing: no "sync" event
       return;
     }
+    this._setSyncing(false);
     if (this._catchingUp) this._caughtUp();
   }
 

@@ -110,17 +110,28 @@ test("first connect replays history only with `since`", async () => {
   for (let i = 0; i < 5; i++) await w.send(i);
   const plain = client({ document: "since", token: "p" });
   const plainOps = [];
+  const plainSyncs = [];
   plain.on("operation", (op) => plainOps.push(op.seq));
+  plain.on("sync", (s) => plainSyncs.push(s));
   const j = await plain.connect();
   assert.equal(j.seq, 5);
   assert.equal(plain.seq, 5);
   const replay = client({ document: "since", token: "r", since: 2 });
   const replayOps = [];
+  const syncs = [];
   replay.on("operation", (op) => replayOps.push(op.seq));
+  replay.on("sync", (s) => syncs.push({ ...s, ops: replayOps.length, syncing: replay.syncing }));
   await replay.connect();
   assert.deepEqual(replayOps, [3, 4, 5], "connect() resolves after the catch-up");
+  // The catch-up is announced: it begins before the replayed operations, ends after them.
+  assert.deepEqual(syncs, [
+    { active: true, seq: 2, ops: 0, syncing: true },
+    { active: false, seq: 5, ops: 3, syncing: false },
+  ]);
+
   await sleep(50);
   assert.deepEqual(plainOps, []);
+  assert.deepEqual(plainSyncs, [], "no replay, no catch-up");
   w.close();
   plain.close();
   replay.close();
