@@ -118,6 +118,12 @@ batch_ms = 2
 # without live records are deleted (65536..=4294967296).
 segment_bytes = 67108864
 
+[http]
+# Serve the JavaScript client at GET /docrelay.js and a live demo board at
+# GET /demo (README, "The demo"). Not set: on when auth.mode = "dev", off in
+# "jwt" mode. The relay logs the demo's address at start when it is on.
+# demo = true
+
 [metrics]
 # A separate address for /metrics, e.g. "127.0.0.1:9100", so that it need not
 # be reachable where clients connect; then the main address does not serve it.
@@ -273,6 +279,7 @@ pub struct Config {
     pub auth: Auth,
     pub validation: Validation,
     pub storage: Storage,
+    pub http: Http,
     pub metrics: Metrics,
     pub testing: Testing,
 }
@@ -374,6 +381,22 @@ pub struct Storage {
     pub segment_bytes: u64,
 }
 
+/// What the main address serves beside the WebSocket routes.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// `GET /docrelay.js` and `GET /demo`; `None`: see [`Http::demo_enabled`].
+    pub demo: Option<bool>,
+}
+
+impl Http {
+    /// Whether the client and the demo are served: as set, else on in `dev`
+    /// mode (loopback only, where anyone may join anyway) and off in `jwt` mode.
+    pub fn demo_enabled(&self, mode: AuthMode) -> bool {
+        self.demo.unwrap_or(mode == AuthMode::Dev)
+    }
+}
+
 /// Where `/metrics` is served.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -410,6 +433,7 @@ impl Default for Config {
             auth: Auth::default(),
             validation: Validation::default(),
             storage: Storage::default(),
+            http: Http::default(),
             metrics: Metrics::default(),
             testing: Testing::default(),
         }
@@ -567,7 +591,9 @@ impl Config {
         }
         let echo = &self.testing.echo_path;
         if !echo.is_empty()
-            && (!echo.starts_with('/') || echo.starts_with("/ws/documents") || echo == "/healthz" || echo == "/metrics")
+            && (!echo.starts_with('/')
+                || echo.starts_with("/ws/documents")
+                || ["/healthz", "/metrics", "/docrelay.js", "/demo"].contains(&echo.as_str()))
         {
             return invalid("testing.echo_path must start with '/' and not shadow another route");
         }
@@ -640,6 +666,22 @@ mod tests {
         assert_eq!(c.limits.max_connections, Some(50));
         let c = Config::from_toml("[limits]\nmax_connections = 0", "t").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_demo_follows_the_auth_mode_unless_set() {
+        let c = Config::default();
+        assert_eq!(c.http.demo, None);
+        assert!(c.http.demo_enabled(AuthMode::Dev));
+        assert!(!c.http.demo_enabled(AuthMode::Jwt));
+        let c = Config::from_toml("[http]\ndemo = false", "t").unwrap();
+        assert!(!c.http.demo_enabled(AuthMode::Dev));
+        let c = Config::from_toml("[http]\ndemo = true", "t").unwrap();
+        assert!(c.http.demo_enabled(AuthMode::Jwt));
+        // print-config names the key and says what "not set" means.
+        assert!(DEFAULT_CONFIG_TOML.contains("[http]\n"));
+        assert!(DEFAULT_CONFIG_TOML.contains("# demo = true"));
+        assert!(DEFAULT_CONFIG_TOML.contains(r#"on when auth.mode = "dev""#));
     }
 
     #[test]

@@ -16,6 +16,27 @@ pub fn header_slots_for(max_head: usize) -> usize {
 /// The route of the documents endpoint.
 pub const DOCUMENTS_PREFIX: &str = "/ws/documents/";
 
+/// A file served over plain HTTP when `[http] demo` is on (its bytes and
+/// headers are in `assets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asset {
+    /// `/docrelay.js`: the JavaScript client.
+    Client = 0,
+    /// `/demo`: the demo board.
+    Demo = 1,
+}
+
+impl Asset {
+    /// The asset served at `path`, if any (paths compare exactly).
+    pub fn at(path: &str) -> Option<Asset> {
+        match path {
+            "/docrelay.js" => Some(Asset::Client),
+            "/demo" => Some(Asset::Demo),
+            _ => None,
+        }
+    }
+}
+
 /// A request head that cannot be served; each maps to one HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
@@ -181,6 +202,8 @@ pub enum Route<'b> {
     Health { head: bool },
     /// `/metrics`; `head`: answer without the body (HEAD).
     Metrics { head: bool },
+    /// `/docrelay.js` or `/demo`; `head`: answer without the body (HEAD).
+    Asset { asset: Asset, head: bool },
 }
 
 /// Which endpoints a listener serves.
@@ -192,11 +215,14 @@ pub struct Endpoints<'a> {
     pub metrics: bool,
     /// The echo route of `[testing] echo_path`; empty: none.
     pub echo_path: &'a str,
+    /// `/docrelay.js` and `/demo` (`[http] demo`).
+    pub demo: bool,
 }
 
 impl Endpoints<'_> {
     /// The separate metrics listener (`metrics.listen`): `/healthz` and `/metrics`.
-    pub const METRICS_ONLY: Endpoints<'static> = Endpoints { websocket: false, metrics: true, echo_path: "" };
+    pub const METRICS_ONLY: Endpoints<'static> =
+        Endpoints { websocket: false, metrics: true, echo_path: "", demo: false };
 }
 
 /// Decides what to answer, in the order `docs/protocol.md`, "Endpoints", gives:
@@ -218,6 +244,7 @@ pub fn route<'b>(head: &Head<'b, '_>, endpoints: &Endpoints<'_>) -> Result<Route
         Echo,
         Health,
         Metrics,
+        Asset(Asset),
     }
     let target = if let Some(id) = head.path.strip_prefix(DOCUMENTS_PREFIX).filter(|_| endpoints.websocket) {
         Target::Document(id)
@@ -225,12 +252,14 @@ pub fn route<'b>(head: &Head<'b, '_>, endpoints: &Endpoints<'_>) -> Result<Route
         Target::Health
     } else if head.path == "/metrics" && endpoints.metrics {
         Target::Metrics
+    } else if let Some(asset) = Asset::at(head.path).filter(|_| endpoints.demo) {
+        Target::Asset(asset)
     } else if endpoints.websocket && !endpoints.echo_path.is_empty() && head.path == endpoints.echo_path {
         Target::Echo
     } else {
         return Err(HttpError::NotFound);
     };
-    let plain = matches!(target, Target::Health | Target::Metrics);
+    let plain = matches!(target, Target::Health | Target::Metrics | Target::Asset(_));
     let head_only = plain && head.method == "HEAD";
     if head.method != "GET" && !head_only {
         return Err(HttpError::MethodNotAllowed { allow: if plain { "GET, HEAD" } else { "GET" } });
@@ -238,6 +267,7 @@ pub fn route<'b>(head: &Head<'b, '_>, endpoints: &Endpoints<'_>) -> Result<Route
     match target {
         Target::Health => Ok(Route::Health { head: head_only }),
         Target::Metrics => Ok(Route::Metrics { head: head_only }),
+        Target::Asset(asset) => Ok(Route::Asset { asset, head: head_only }),
         Target::Echo => Ok(Route::Echo { accept: check_upgrade(head)? }),
         Target::Document(id) => {
             if !valid_document_id(id) {
@@ -373,7 +403,7 @@ mod tests {
     fn route_of(raw: &str) -> Result<Route<'_>, HttpError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let head = parse_head(raw.as_bytes(), &mut headers, 8192)?.expect("complete");
-        route(&head, &Endpoints { websocket: true, metrics: true, echo_path: "/echo" })
+        route(&head, &Endpoints { websocket: true, metrics: true, echo_path: "/echo", demo: true })
     }
 
     const UPGRADE: &str = "Host: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -391,6 +421,19 @@ mod tests {
             HttpError::MethodNotAllowed { allow: "GET" }
         );
         assert_eq!(route_of("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HttpError::NotFound);
+        assert_eq!(
+            route_of("GET /demo?doc=x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap(),
+            Route::Asset { asset: Asset::Demo, head: false }
+        );
+        assert_eq!(
+            route_of("HEAD /docrelay.js HTTP/1.1\r\nHost: x\r\n\r\n").unwrap(),
+            Route::Asset { asset: Asset::Client, head: true }
+        );
+        assert_eq!(route_of("GET /demo/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HttpError::NotFound);
+        assert_eq!(
+            route_of("POST /demo HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(),
+            HttpError::MethodNotAllowed { allow: "GET, HEAD" }
+        );
         assert_eq!(
             route_of("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(),
             HttpError::MethodNotAllowed { allow: "GET, HEAD" }
@@ -475,7 +518,7 @@ mod tests {
             let head = parse_head(raw.as_bytes(), &mut headers, 8192).unwrap().unwrap();
             route(&head, &endpoints).map(|r| format!("{r:?}")).map_err(|e| e.to_string())
         };
-        let main = Endpoints { websocket: true, metrics: false, echo_path: "/echo" };
+        let main = Endpoints { websocket: true, metrics: false, echo_path: "/echo", demo: false };
         assert_eq!(on("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", main), Err("404 not found".into()));
         assert!(on("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", main).is_ok());
         let m = Endpoints::METRICS_ONLY;
@@ -484,6 +527,12 @@ mod tests {
         let upgrade = "GET /ws/documents/d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
         assert_eq!(on(upgrade, m), Err("404 not found".into()));
         assert_eq!(on("GET /echo HTTP/1.1\r\nHost: x\r\n\r\n", m), Err("404 not found".into()));
+        // Without `[http] demo`, and on the metrics listener, the client and
+        // the demo are not there.
+        for endpoints in [main, m] {
+            assert_eq!(on("GET /demo HTTP/1.1\r\nHost: x\r\n\r\n", endpoints), Err("404 not found".into()));
+            assert_eq!(on("GET /docrelay.js HTTP/1.1\r\nHost: x\r\n\r\n", endpoints), Err("404 not found".into()));
+        }
     }
 
     #[test]

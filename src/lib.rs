@@ -25,6 +25,8 @@ pub mod close;
 pub mod config;
 pub mod http;
 pub mod placement;
+// The files served over plain HTTP (the client, the demo).
+pub mod assets;
 // WebSocket framing, then the messages carried in frames.
 pub mod ws;
 // Client and relay messages.

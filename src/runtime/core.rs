@@ -25,6 +25,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::sleep;
 use tracing::{debug, warn};
 
+use crate::assets;
 use crate::close;
 use crate::config::Config;
 use crate::http::{self, HttpError, Route};
@@ -571,6 +572,7 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
             websocket: true,
             metrics: config.metrics.listen.is_empty(),
             echo_path: &config.testing.echo_path,
+            demo: config.http.demo_enabled(config.auth.mode),
         },
         Listener::Metrics => http::Endpoints::METRICS_ONLY,
     };
@@ -587,6 +589,10 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
         Route::Health { head } => return answer_and_close(config, stream, &plain(http::health(), head)).await,
         Route::Metrics { head } => {
             return answer_and_close(config, stream, &plain(registry.metrics_response(), head)).await
+        }
+        Route::Asset { asset, head: head_only } => {
+            let answer = assets::response(asset, head.headers_named("if-none-match"));
+            return answer_and_close(config, stream, &plain(answer, head_only)).await;
         }
         Route::Document { id, accept } => (id, accept, Mode::Document),
         Route::Echo { accept } => (head.path, accept, Mode::Echo),

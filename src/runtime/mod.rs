@@ -273,6 +273,9 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
     if let Some(at) = metrics_addr {
         info!("metrics listening on {at}");
     }
+    if config.http.demo_enabled(config.auth.mode) {
+        info!("demo: open http://{addr}/demo in two windows (the client is at http://{addr}/docrelay.js)");
+    }
     handle.addr = addr;
     Ok(handle)
 }
