@@ -124,6 +124,25 @@ segment_bytes = 67108864
 # "jwt" mode. The relay logs the demo's address at start when it is on.
 # demo = true
 
+[cluster]
+# Redis that the nodes of a cluster share (docs/cluster.md), e.g.
+# "redis://10.0.0.5:6379/0"; empty = a single node, as without it. With it,
+# every operation is sequenced in Redis, and clients of one document on any
+# node see one order, one history and everyone's presence. Not together with
+# storage.dir (the history is Redis's).
+redis_url = ""
+# This node's name in Redis (presence, heartbeats). Empty: host name and pid.
+node_id = ""
+# A node that stops without a goodbye is taken for dead this long after its
+# last heartbeat: its sessions leave their documents on the other nodes.
+node_timeout_ms = 10000
+# Operations kept in each document's Redis stream, for catch-up and sync.
+# Not set: documents.history_ops.
+# stream_max_ops = 10000
+# Requests waiting for the Redis bridge, per core; while full, sessions on
+# that core are not read from (back-pressure), nothing is buffered beyond.
+queue = 4096
+
 [metrics]
 # A separate address for /metrics, e.g. "127.0.0.1:9100", so that it need not
 # be reachable where clients connect; then the main address does not serve it.
@@ -280,6 +299,7 @@ pub struct Config {
     pub validation: Validation,
     pub storage: Storage,
     pub http: Http,
+    pub cluster: Cluster,
     pub metrics: Metrics,
     pub testing: Testing,
 }
@@ -381,6 +401,43 @@ pub struct Storage {
     pub segment_bytes: u64,
 }
 
+/// Cluster mode on Redis (`docs/cluster.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// Empty: a single node.
+    pub redis_url: String,
+    /// Empty: [`Cluster::node_name`] makes one of the host name and pid.
+    pub node_id: String,
+    pub node_timeout_ms: u64,
+    /// `None`: `documents.history_ops`.
+    pub stream_max_ops: Option<usize>,
+    pub queue: usize,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster { redis_url: String::new(), node_id: String::new(), node_timeout_ms: 10_000, stream_max_ops: None, queue: 4096 }
+    }
+}
+
+impl Cluster {
+    /// Whether the relay runs as a node of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+
+    /// The node's name: `node_id`, else `HOST-PID`.
+    pub fn node_name(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        format!("{}-{}", if host.is_empty() { "node" } else { host }, std::process::id())
+    }
+}
+
 /// What the main address serves beside the WebSocket routes.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -434,6 +491,7 @@ impl Default for Config {
             validation: Validation::default(),
             storage: Storage::default(),
             http: Http::default(),
+            cluster: Cluster::default(),
             metrics: Metrics::default(),
             testing: Testing::default(),
         }
@@ -588,6 +646,27 @@ impl Config {
         }
         if !(65536..=1 << 32).contains(&st.segment_bytes) {
             return invalid("storage.segment_bytes must be between 65536 and 4294967296");
+        }
+        let c = &self.cluster;
+        if c.enabled() {
+            if !self.storage.dir.is_empty() {
+                return invalid(
+                    "cluster.redis_url and storage.dir cannot be set together: in cluster mode the history \
+                     lives in Redis (make Redis durable with appendonly, docs/cluster.md); leave storage.dir empty",
+                );
+            }
+            if !(c.redis_url.starts_with("redis://") || c.redis_url.starts_with("unix://")) {
+                return invalid("cluster.redis_url must start with redis:// (or unix://)");
+            }
+            if !(1000..=600_000).contains(&c.node_timeout_ms) {
+                return invalid("cluster.node_timeout_ms must be between 1000 and 600000");
+            }
+            if c.queue == 0 {
+                return invalid("cluster.queue must be at least 1");
+            }
+            if c.node_id.len() > 128 || c.node_id.bytes().any(|b| !b.is_ascii_graphic() || b == b'|') {
+                return invalid("cluster.node_id must be at most 128 printable ASCII characters, without spaces or '|'");
+            }
         }
         let echo = &self.testing.echo_path;
         if !echo.is_empty()
