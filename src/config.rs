@@ -417,7 +417,13 @@ pub struct Cluster {
 
 impl Default for Cluster {
     fn default() -> Self {
-        Cluster { redis_url: String::new(), node_id: String::new(), node_timeout_ms: 10_000, stream_max_ops: None, queue: 4096 }
+        Cluster {
+            redis_url: String::new(),
+            node_id: String::new(),
+            node_timeout_ms: 10_000,
+            stream_max_ops: None,
+            queue: 4096,
+        }
     }
 }
 
@@ -665,7 +671,9 @@ impl Config {
                 return invalid("cluster.queue must be at least 1");
             }
             if c.node_id.len() > 128 || c.node_id.bytes().any(|b| !b.is_ascii_graphic() || b == b'|') {
-                return invalid("cluster.node_id must be at most 128 printable ASCII characters, without spaces or '|'");
+                return invalid(
+                    "cluster.node_id must be at most 128 printable ASCII characters, without spaces or '|'",
+                );
             }
         }
         let echo = &self.testing.echo_path;

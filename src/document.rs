@@ -86,6 +86,15 @@ impl Ring {
         pos
     }
 
+    /// Drops every entry and goes on at position `next`: readers behind it
+    /// are told they lagged.
+    pub fn skip_to(&self, next: u64) {
+        if next > self.next.get() {
+            self.slots.borrow_mut().clear();
+            self.next.set(next);
+        }
+    }
+
     /// Reads the entry at `*cursor` and advances the cursor, or reports a lag
     /// (moving the cursor to the oldest entry held).
     pub fn read(&self, cursor: &mut u64) -> (Read, Option<Entry>) {
@@ -138,6 +147,9 @@ pub struct DocumentHub {
     subscribers: RefCell<Vec<(Participant, Rc<dyn Subscriber>)>>,
     /// Since when the document has had no subscribers (for unloading).
     pub(crate) empty_since: Cell<Option<Instant>>,
+    /// Cluster mode: the sessions joined on other nodes, in
+    /// `connection_id` order.
+    remote: RefCell<Vec<Participant>>,
 }
 
 /// What a hub needs of a subscribed session: to be told there is more.
@@ -215,6 +227,7 @@ impl DocumentHub {
             snapshot: RefCell::new(from.snapshot),
             subscribers: RefCell::new(Vec::new()),
             empty_since: Cell::new(Some(Instant::now())),
+            remote: RefCell::new(Vec::new()),
         }
     }
 
@@ -257,14 +270,79 @@ impl DocumentHub {
         f: impl FnOnce(&mut dyn Iterator<Item = &Participant>, Option<u64>) -> R,
     ) -> R {
         let subs = self.subscribers.borrow();
-        let from = after.map_or(0, |a| subs.partition_point(|(p, _)| p.connection_id <= a));
-        let page = &subs[from..(from + max).min(subs.len())];
-        let next = if from + page.len() < subs.len() { page.last().map(|(p, _)| p.connection_id) } else { None };
-        f(&mut page.iter().map(|(p, _)| p), next)
+        let remote = self.remote.borrow();
+        if remote.is_empty() {
+            let from = after.map_or(0, |a| subs.partition_point(|(p, _)| p.connection_id <= a));
+            let page = &subs[from..(from + max).min(subs.len())];
+            let next = if from + page.len() < subs.len() { page.last().map(|(p, _)| p.connection_id) } else { None };
+            return f(&mut page.iter().map(|(p, _)| p), next);
+        }
+        // Cluster mode: both lists, merged in `connection_id` order.
+        let mut all: Vec<&Participant> = subs.iter().map(|(p, _)| p).chain(remote.iter()).collect();
+        all.sort_by_key(|p| p.connection_id);
+        let from = after.map_or(0, |a| all.partition_point(|p| p.connection_id <= a));
+        let page = &all[from..(from + max).min(all.len())];
+        let next = if from + page.len() < all.len() { page.last().map(|p| p.connection_id) } else { None };
+        f(&mut page.iter().copied(), next)
     }
 
     pub fn subscriber_count(&self) -> usize {
         self.subscribers.borrow().len()
+    }
+
+    /// Participants on this node and (cluster mode) on the others.
+    pub fn participant_count(&self) -> usize {
+        self.subscribers.borrow().len() + self.remote.borrow().len()
+    }
+
+    /// Cluster mode: a session joined on another node. False if it was
+    /// known already.
+    pub fn add_remote(&self, p: Participant) -> bool {
+        let mut r = self.remote.borrow_mut();
+        match r.binary_search_by_key(&p.connection_id, |x| x.connection_id) {
+            Ok(_) => false,
+            Err(at) => {
+                r.insert(at, p);
+                true
+            }
+        }
+    }
+
+    /// Cluster mode: a session of another node left. False if it was not
+    /// known.
+    pub fn remove_remote(&self, connection_id: u64) -> bool {
+        let mut r = self.remote.borrow_mut();
+        match r.binary_search_by_key(&connection_id, |x| x.connection_id) {
+            Ok(at) => {
+                r.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Cluster mode: the sessions of other nodes.
+    pub fn remote_participants(&self) -> Vec<Participant> {
+        self.remote.borrow().clone()
+    }
+
+    /// The local subscribers' participant data.
+    pub fn local_participants(&self) -> Vec<Participant> {
+        self.subscribers.borrow().iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Cluster mode: the operations up to `seq` can no longer be had (the
+    /// stream dropped them before this node got them): the document goes on
+    /// after `seq`, its history starts again there, and subscribers that had
+    /// not read up to it are told `lagged`.
+    pub fn skip_to(&self, seq: u64) {
+        if seq <= self.seq() {
+            return;
+        }
+        self.ops.skip_to(seq + 1);
+        self.history.borrow_mut().clear();
+        self.assigned.set(seq);
+        self.notify_all();
     }
 
     pub fn subscribe(&self, participant: Participant, subscriber: Rc<dyn Subscriber>) {

@@ -39,6 +39,8 @@ pub mod store;
 // Documents, then the connection registry.
 pub mod document;
 pub mod registry;
+// Cluster mode: the Redis bridge and what the cores exchange with it.
+pub mod cluster;
 // Connection validation.
 pub mod validate;
 // One connection, and the per-core shard of them.

@@ -15,7 +15,7 @@ use super::ErrorCode;
 use crate::ws::{Kind, OutFrame, SharedFrame};
 
 /// A joined session as `joined_document.participants` and `user_joined` show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Participant {
     pub connection_id: u64,
     pub user_id: String,
@@ -209,6 +209,19 @@ pub fn operation(seq: u64, connection_id: u64, user_id_json: &str, payload: &[u8
     broadcast(buf)
 }
 
+/// What an [`operation`] frame's JSON starts with, before its seq: in cluster
+/// mode Redis puts the seq it gives between this and [`operation_suffix`].
+pub const OPERATION_PREFIX: &str = r#"{"type":"operation","seq":"#;
+
+/// What follows the seq in an [`operation`] frame's JSON.
+pub fn operation_suffix(connection_id: u64, user_id_json: &str, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(48 + user_id_json.len() + payload.len());
+    let _ = write!(buf, r#","connection_id":{connection_id},"user_id":{user_id_json},"payload":"#);
+    buf.extend_from_slice(payload);
+    buf.push(b'}');
+    buf
+}
+
 /// The `cursor` broadcast (presence), like [`operation`].
 pub fn cursor(connection_id: u64, user_id_json: &str, color: &str, payload: &[u8]) -> SharedFrame {
     let mut buf = OutFrame::payload_buffer(112 + user_id_json.len() + payload.len());
@@ -279,6 +292,15 @@ mod tests {
 
     fn parsed(payload: &[u8]) -> Value {
         serde_json::from_slice(&payload[10..]).unwrap()
+    }
+
+    #[test]
+    fn an_operation_is_its_prefix_seq_and_suffix() {
+        let whole = operation(43, 7, "\"ada\"", br#"{"at":3}"#);
+        let mut parts = OPERATION_PREFIX.as_bytes().to_vec();
+        parts.extend_from_slice(b"43");
+        parts.extend_from_slice(&operation_suffix(7, "\"ada\"", br#"{"at":3}"#));
+        assert_eq!(whole.payload(), &parts[..]);
     }
 
     #[test]

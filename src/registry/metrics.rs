@@ -88,6 +88,46 @@ impl ConnectionManager {
             "Failed authenticate messages.",
             &mut one(self.auth_failures()),
         );
+        let c = &self.cluster;
+        if c.enabled.load(std::sync::atomic::Ordering::Relaxed) {
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            family(
+                "docrelay_cluster_redis_up",
+                "gauge",
+                "1 while the node reaches Redis, 0 while it is degraded (/healthz answers 503).",
+                &mut one(u64::from(c.degraded().is_none())),
+            );
+            family(
+                "docrelay_cluster_degraded_total",
+                "counter",
+                "Times the node lost Redis.",
+                &mut one(load(&c.degradations)),
+            );
+            family(
+                "docrelay_cluster_redis_errors_total",
+                "counter",
+                "Redis commands that failed.",
+                &mut one(load(&c.redis_errors)),
+            );
+            family(
+                "docrelay_cluster_unavailable_total",
+                "counter",
+                "Operations and snapshots refused with UNAVAILABLE because Redis did not take them.",
+                &mut one(load(&c.unavailable)),
+            );
+            family(
+                "docrelay_cluster_gap_fills_total",
+                "counter",
+                "Operations read from a document's stream because their notification was missed.",
+                &mut one(load(&c.gap_fills)),
+            );
+            family(
+                "docrelay_cluster_gap_lost_total",
+                "counter",
+                "Missed operations the stream no longer held (subscribers were told lagged).",
+                &mut one(load(&c.gap_lost)),
+            );
+        }
         for (name, kind, help, read) in PER_CORE {
             let mut samples = self.cores().iter().enumerate().map(|(i, c)| (format!("{{core=\"{i}\"}}"), read(c)));
             family(name, kind, help, &mut samples);

@@ -129,6 +129,47 @@ pub struct ConnectionManager {
     refusals: [AtomicU64; 2],
     per_ip: IpCounts,
     cores: Vec<CoreStats>,
+    /// Cluster mode: the bridge's view of Redis (`docs/cluster.md`).
+    pub cluster: ClusterHealth,
+}
+
+/// How the cluster bridge finds Redis, for `/healthz` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterHealth {
+    /// Cluster mode is on (the families below are reported).
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// Why the node is degraded (Redis unreachable); `None`: healthy.
+    degraded: std::sync::Mutex<Option<String>>,
+    /// Redis commands that failed.
+    pub redis_errors: AtomicU64,
+    /// Times the node went from healthy to degraded.
+    pub degradations: AtomicU64,
+    /// Operations refused with UNAVAILABLE because Redis did not answer.
+    pub unavailable: AtomicU64,
+    /// Operations a node took from a document's stream because their
+    /// notification did not arrive (a gap filled).
+    pub gap_fills: AtomicU64,
+    /// Operations a node's stream no longer held when it looked for them.
+    pub gap_lost: AtomicU64,
+}
+
+impl ClusterHealth {
+    /// Marks the node degraded (`Some(why)`) or healthy again; returns true
+    /// when this changed it.
+    pub fn set_degraded(&self, why: Option<String>) -> bool {
+        let mut d = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = d.is_some() != why.is_some();
+        if changed && why.is_some() {
+            self.degradations.fetch_add(1, Relaxed);
+        }
+        *d = why;
+        changed
+    }
+
+    /// Why the node is degraded, if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl ConnectionManager {
@@ -145,6 +186,25 @@ impl ConnectionManager {
             refusals: Default::default(),
             per_ip: IpCounts::default(),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
+            cluster: ClusterHealth::default(),
+        }
+    }
+
+    /// Makes connection ids start above `base` (cluster mode: each node's ids
+    /// live in their own range, so they are unique across nodes). Called
+    /// before the first connection.
+    pub fn set_id_base(&self, base: u64) {
+        self.next_id.store(base + 1, Relaxed);
+    }
+
+    /// The `/healthz` answer: `200 ok`, or `503` with the reason while the
+    /// node is degraded (cluster mode, Redis unreachable).
+    pub fn health_response(&self) -> Vec<u8> {
+        match self.cluster.degraded() {
+            None => crate::http::health(),
+            Some(why) => {
+                crate::http::response("503 Service Unavailable", "Retry-After: 1\r\n", &format!("degraded: {why}"))
+            }
         }
     }
 

@@ -312,6 +312,19 @@ pub(crate) async fn core_main(mut setup: CoreSetup) {
     };
     let commits = CancelOnDrop(spawn_storage(Box::pin(shard.clone().commit_loop())));
     let flusher = shard.log.clone().map(|log| spawn_storage(Box::pin(log.run())));
+    // Cluster mode: what the Redis bridge sends this core, and the requests
+    // that wait for room in its channel.
+    let cluster_tasks = shard.cluster.is_some().then(|| {
+        let events = spawn_storage(Box::pin(shard.clone().cluster_loop()));
+        let drain = shard.clone();
+        let backlog = glommio::spawn_local(async move {
+            if let Some(c) = &drain.cluster {
+                c.drain_backlog().await;
+            }
+        })
+        .detach();
+        (CancelOnDrop(events), CancelOnDrop(backlog))
+    });
     let acceptor = glommio::spawn_local(accept_loop(core.clone(), listener, listen_raw, Listener::Main)).detach();
     let metrics_acceptor = metrics_listener.zip(metrics_raw).map(|(listener, raw)| {
         glommio::spawn_local(accept_loop(core.clone(), listener, raw, Listener::Metrics)).detach()
@@ -366,6 +379,19 @@ pub(crate) async fn core_main(mut setup: CoreSetup) {
     for mut task in [collector, ticker, commits] {
         task.0.cancel();
         (&mut task.0).await;
+    }
+    if let Some((events, backlog)) = cluster_tasks {
+        // The sessions' leaves still waiting for the bridge get a moment
+        // to reach it (the bridge also unlists this node's sessions as it
+        // stops).
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while shard.cluster.as_ref().is_some_and(|c| !c.is_drained()) && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        for mut task in [events, backlog] {
+            task.0.cancel();
+            (&mut task.0).await;
+        }
     }
     // Publishers now get PublishError::Closed.
     core.verdicts.close();
@@ -586,7 +612,9 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
     };
     let plain = |response: Vec<u8>, head_only: bool| if head_only { http::head_only(response) } else { response };
     let (document, accept, mode) = match route {
-        Route::Health { head } => return answer_and_close(config, stream, &plain(http::health(), head)).await,
+        Route::Health { head } => {
+            return answer_and_close(config, stream, &plain(registry.health_response(), head)).await
+        }
         Route::Metrics { head } => {
             return answer_and_close(config, stream, &plain(registry.metrics_response(), head)).await
         }

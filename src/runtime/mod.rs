@@ -63,6 +63,8 @@ pub enum StartError {
     Executor { cpu: usize, message: String },
     #[error(transparent)]
     Storage(#[from] crate::store::recover::RecoverError),
+    #[error("cluster mode: {0}")]
+    Cluster(String),
 }
 
 /// How a relay is started, beyond its configuration.
@@ -87,6 +89,8 @@ pub struct RelayHandle {
     cpus: Vec<usize>,
     /// The storage directory's lock, held while the relay runs.
     _storage_lock: Option<std::fs::File>,
+    /// Cluster mode: the Redis bridge, stopped after the cores.
+    bridge: Option<crate::cluster::Bridge>,
 }
 
 impl RelayHandle {
@@ -131,6 +135,9 @@ impl RelayHandle {
             if let Err(e) = t.join() {
                 warn!(error = %e, "core exited with an error");
             }
+        }
+        if let Some(b) = self.bridge.take() {
+            b.stop();
         }
     }
 }
@@ -194,6 +201,15 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
         None => (None, None),
     };
     let registry = Arc::new(ConnectionManager::new(cores));
+    // Cluster mode: Redis must answer before the relay serves anyone; this
+    // node's connection ids get their own range.
+    let mut bridge = if config.cluster.enabled() {
+        let b = crate::cluster::start(&config, cores, registry.clone()).map_err(StartError::Cluster)?;
+        registry.set_id_base(b.number << 32);
+        Some(b)
+    } else {
+        None
+    };
     let config = Arc::new(config);
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..cores).map(|_| flume::bounded::<CoreMsg>(config.limits.handoff_queue)).unzip();
@@ -212,6 +228,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
                 clock: clock.clone(),
                 session_nonce,
                 log: logs.next().flatten(),
+                cluster: bridge.as_mut().map(|b| b.core(index)),
             },
             listener: listeners.pop().expect("one listener per core"),
             metrics_listener: metrics_listener.take(),
@@ -244,6 +261,7 @@ pub fn start(mut config: Config, options: RelayOptions) -> Result<RelayHandle, S
         registry,
         cpus: cpus.clone(),
         _storage_lock: storage_lock,
+        bridge,
     };
     if let Some(e) = handle_err {
         return Err(e);

@@ -15,6 +15,7 @@ use super::state::{Auth, User};
 use super::{Session, Shard, Subscription};
 use crate::auth::AuthError;
 use crate::close;
+use crate::cluster::Request;
 use crate::document::{DocumentHub, Sync};
 use crate::protocol::{self, check_depth, check_state, encode, field, ClientType, Envelope, ErrorCode, Participant};
 use crate::store::record::Kind;
@@ -69,7 +70,7 @@ fn handle(shard: &Shard, session: &Session, parsed: Result<(ClientType, Envelope
         ClientType::ListParticipants => field::<u64>(env.after, "after", false).map(|after| {
             if let Some(hub) = joined_hub(session) {
                 let max = shard.config.documents.max_participants_listed;
-                let count = hub.subscriber_count();
+                let count = hub.participant_count();
                 let reply = hub.with_participants(after, max, |ps, next| encode::participants(ps, count, next));
                 session.send_text(shard, reply);
             }
@@ -199,10 +200,14 @@ pub(super) fn finish_join(
         return reply_error(shard, session, ErrorCode::DocumentFull, &message);
     }
     let user_joined = encode::user_joined(&participant);
+    if let Some(cluster) = &shard.cluster {
+        let p = participant.clone();
+        cluster.send(Request::Join { document: hub.id.clone(), participant: p, announce: true });
+    }
     *session.sub.borrow_mut() = Some(Subscription::new(hub.clone()));
     hub.subscribe(participant, session.writer_waker.clone());
     let listed = shard.config.documents.max_participants_listed;
-    let count = hub.subscriber_count();
+    let count = hub.participant_count();
     let reply = hub.with_participants(None, listed, |ps, _| {
         encode::joined(&session.info.document, hub.seq(), &hub.epoch_text, ps, count)
     });
@@ -227,6 +232,9 @@ pub(super) fn leave(shard: &Shard, session: &Session) {
         encode::user_left(session.info.id, auth.user().map_or("", |u| &u.user_id))
     };
     sub.hub.unsubscribe(session.info.id);
+    if let Some(cluster) = &shard.cluster {
+        cluster.send(Request::Leave { document: sub.hub.id.clone(), connection_id: session.info.id });
+    }
     shard.stats().broadcasts.add(1);
     sub.hub.publish_presence(session.info.id, user_left);
 }
@@ -247,6 +255,24 @@ fn operation(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(),
         return Ok(());
     }
     let Some(hub) = joined_hub(session) else { return Ok(()) };
+    if let Some(cluster) = &shard.cluster {
+        // Redis gives the seq; the ack and every node's broadcast follow.
+        let suffix = {
+            let auth = session.auth.borrow();
+            let user_id_json = auth.user().map_or("\"\"", |u| &u.user_id_json);
+            encode::operation_suffix(session.info.id, user_id_json, payload.get().as_bytes())
+        };
+        cluster.send(Request::Append {
+            document: hub.id.clone(),
+            epoch: hub.epoch,
+            origin: session.info.id,
+            suffix: suffix.into(),
+            core: shard.index,
+            session: session.info.id,
+            client_op_id: client_op_id.map(Into::into),
+        });
+        return Ok(());
+    }
     let seq = hub.assign_seq();
     let frame = {
         let auth = session.auth.borrow();
@@ -327,6 +353,10 @@ fn cursor(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), St
         let (user_id_json, color) = auth.user().map_or(("\"\"", ""), |u| (&u.user_id_json, &u.color));
         encode::cursor(session.info.id, user_id_json, color, payload.get().as_bytes())
     };
+    if let Some(cluster) = &shard.cluster {
+        let f = frame.payload().into();
+        cluster.send(Request::Cursor { document: hub.id.clone(), connection_id: session.info.id, frame: f });
+    }
     shard.stats().broadcasts.add(1);
     hub.publish_presence(session.info.id, frame);
     Ok(())
@@ -368,13 +398,26 @@ fn snapshot(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), 
     let Some(state) = env.state else { return Err("missing field `state`".into()) };
     check_depth(state, "state", shard.config.limits.max_json_depth)?;
     let Some(hub) = joined_hub(session) else { return Ok(()) };
-    if seq > hub.seq() {
+    // In cluster mode Redis knows the document's seq (this node may not have
+    // received the last operations yet) and checks it.
+    if seq > hub.seq() && shard.cluster.is_none() {
         reply_error(shard, session, ErrorCode::BadSnapshot, "snapshot seq is ahead of the document");
         return Ok(());
     }
     if !hub.newer_snapshot(seq) {
         // An equal or older one is held: acknowledged and ignored.
         session.send_text(shard, encode::ack(seq, None));
+        return Ok(());
+    }
+    if let Some(cluster) = &shard.cluster {
+        cluster.send(Request::Snapshot {
+            document: hub.id.clone(),
+            epoch: hub.epoch,
+            seq,
+            state: state.get().into(),
+            core: shard.index,
+            session: session.info.id,
+        });
         return Ok(());
     }
     let ticket = match shard.store.append(&hub.id, hub.epoch, Kind::Snapshot, seq, state.get().as_bytes()) {

@@ -29,6 +29,7 @@ use crate::document::{DocumentHub, Subscriber};
 use crate::registry::ConnKey;
 use crate::ws::{Kind, OutFrame, SharedFrame};
 
+mod cluster;
 mod handlers;
 mod outbox;
 mod rates;

@@ -97,8 +97,11 @@ impl Session {
         loop {
             // Back-pressure: a client that does not read its replies is not
             // read from either, so its queue stays bounded.
+            // In cluster mode, too, while the core's requests wait for room
+            // in the Redis bridge's channel (cluster.queue).
             poll_fn(|cx| {
-                let drained = self.out.borrow().bytes < shard.config.limits.max_send_buffer_bytes;
+                let drained = self.out.borrow().bytes < shard.config.limits.max_send_buffer_bytes
+                    && shard.cluster.as_ref().is_none_or(|c| c.has_room(cx.waker()));
                 if drained || !self.is_open() || self.reading_done.get() {
                     Poll::Ready(())
                 } else {

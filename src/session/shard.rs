@@ -19,6 +19,7 @@ use super::{ConnInfo, Mode, Phase, Session};
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::close;
+use crate::cluster::ClusterCore;
 use crate::config::Config;
 use crate::document::{Capacity, DocumentHub, Restored, Snapshot};
 use crate::registry::{ConnectionManager, CoreStats};
@@ -58,6 +59,8 @@ pub struct ShardSetup {
     /// With `storage.dir`: this core's part of the recovered log, and the
     /// relay-wide counter of segment numbers.
     pub log: Option<(Index, Arc<AtomicU64>)>,
+    /// Cluster mode: this core's side of the Redis bridge.
+    pub cluster: Option<ClusterCore>,
 }
 
 /// An accepted operation or snapshot waiting for its record to be stored
@@ -109,7 +112,9 @@ pub struct Shard {
     commits: RefCell<VecDeque<Commit>>,
     commit_waker: Cell<Option<Waker>>,
     /// Documents being loaded from the store, and who waits for each.
-    loading: RefCell<HashMap<Box<str>, Vec<JoinWaiter>>>,
+    pub(crate) loading: RefCell<HashMap<Box<str>, Vec<JoinWaiter>>>,
+    /// Cluster mode: this core's side of the Redis bridge.
+    pub(crate) cluster: Option<ClusterCore>,
     me: Weak<Shard>,
 }
 
@@ -127,6 +132,7 @@ impl Shard {
             commits: RefCell::new(VecDeque::new()),
             commit_waker: Cell::new(None),
             loading: RefCell::new(HashMap::new()),
+            cluster: setup.cluster,
             me: me.clone(),
             index: setup.index,
             config: setup.config,
@@ -158,7 +164,11 @@ impl Shard {
         Capacity { ring: d.ring_capacity, presence: d.presence_ring_capacity, history: d.history_ops }
     }
 
-    fn loaded(&self, id: &str, hub: Rc<DocumentHub>) -> Rc<DocumentHub> {
+    pub(crate) fn capacity_of_documents(&self) -> Capacity {
+        self.capacity()
+    }
+
+    pub(crate) fn loaded(&self, id: &str, hub: Rc<DocumentHub>) -> Rc<DocumentHub> {
         self.documents.borrow_mut().insert(id.into(), hub.clone());
         self.stats().documents.add(1);
         if let Some(w) = self.ticker_waker.take() {
@@ -176,7 +186,7 @@ impl Shard {
         if let Some(hub) = self.documents.borrow().get(id) {
             return Some(hub.clone());
         }
-        if self.store.head(id).is_none() {
+        if self.cluster.is_none() && self.store.head(id).is_none() {
             return Some(self.loaded(id, Rc::new(DocumentHub::new(id, self.capacity()))));
         }
         let first = {
@@ -186,6 +196,11 @@ impl Shard {
             waiters.len() == 1
         };
         if first {
+            if let Some(cluster) = &self.cluster {
+                // Answered by the bridge's `Loaded` (session/cluster.rs).
+                cluster.send(crate::cluster::Request::Load { document: id.into(), core: self.index });
+                return None;
+            }
             let shard = self.me.upgrade().expect("the shard outlives its tasks");
             let id: Box<str> = id.into();
             shard.spawn_tracked(shard.clone().load(id));
@@ -238,6 +253,21 @@ impl Shard {
             None => None,
         };
         Ok(DocumentHub::restore(id, cap, Restored { epoch: head.epoch, seq: head.seq, ops, snapshot }))
+    }
+
+    /// A loaded document of this core.
+    pub(crate) fn document(&self, id: &str) -> Option<Rc<DocumentHub>> {
+        self.documents.borrow().get(id).cloned()
+    }
+
+    /// Replaces a loaded document's hub (cluster mode: a new epoch).
+    pub(crate) fn replace_document(&self, id: &str, hub: Rc<DocumentHub>) {
+        self.documents.borrow_mut().insert(id.into(), hub);
+    }
+
+    /// Every session of this core.
+    pub(crate) fn all_sessions(&self) -> Vec<Rc<Session>> {
+        self.sessions.borrow().values().cloned().collect()
     }
 
     /// A session of this core, by connection id.
@@ -301,12 +331,22 @@ impl Shard {
         // Written, not only stored: with fsync = "never" a record counts as
         // stored before it is written, and a reload must find it.
         let written = self.store.written();
-        self.documents.borrow_mut().retain(|_, hub| {
-            hub.subscriber_count() > 0
+        let mut unloaded_ids = Vec::new();
+        self.documents.borrow_mut().retain(|id, hub| {
+            let keep = hub.subscriber_count() > 0
                 || hub.storing()
                 || hub.last_ticket.get() > written
-                || hub.empty_since.get().is_none_or(|t| now - t < after)
+                || hub.empty_since.get().is_none_or(|t| now - t < after);
+            if !keep && self.cluster.is_some() {
+                unloaded_ids.push(id.clone());
+            }
+            keep
         });
+        if let Some(cluster) = &self.cluster {
+            for document in unloaded_ids {
+                cluster.send(crate::cluster::Request::Unfollow { document });
+            }
+        }
         let unloaded = before - self.documents.borrow().len();
         self.stats().documents.sub(unloaded as u64);
     }

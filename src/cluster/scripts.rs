@@ -1,0 +1,95 @@
+//! The Lua scripts docrelay runs in Redis (`docs/cluster.md`, "Scripts").
+//! Each touches the keys of one document only (declared in `KEYS`, one hash
+//! tag), so each runs atomically on one Redis, or one slot of a Cluster.
+//! They are sent with `EVAL` (Redis keeps them compiled by their digest): an
+//! `EVALSHA` that meets an empty script cache after a restart could not be
+//! retried without reordering a pipeline.
+
+/// Load (and create) a document's head. KEYS: meta, ops, snap.
+/// ARGV: the epoch to start if Redis has none. Returns `{epoch, seq}`.
+pub const LOAD: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if not e then
+  e = ARGV[1]
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)
+end
+return {e, tonumber(redis.call('HGET', KEYS[1], 'seq') or 0)}
+"#;
+
+/// Sequence one operation. KEYS: meta, ops, snap, channel.
+/// ARGV: epoch, origin, frame prefix, frame suffix, stream length, the epoch
+/// to start if Redis lost the document.
+/// Returns `{seq, epoch}`, or `{0, epoch}` when the epoch is not the
+/// caller's (nothing was stored).
+pub const APPEND: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if not e then
+  e = ARGV[6]
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)
+end
+if e ~= ARGV[1] then return {0, e} end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local frame = ARGV[3] .. seq .. ARGV[4]
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'f', frame, 'o', ARGV[2])
+redis.call('PUBLISH', KEYS[4], 'o ' .. e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. frame)
+return {seq, e}
+"#;
+
+/// Store a snapshot if it is newer than the held one. KEYS: meta, snap,
+/// channel. ARGV: epoch, seq, state. Returns `{1, seq}` (stored or older),
+/// `{0, epoch}` (another epoch) or `{-1, seq}` (ahead of the document).
+pub const SNAPSHOT: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if e ~= ARGV[1] then return {0, e or ''} end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or 0)
+local s = tonumber(ARGV[2])
+if s > cur then return {-1, cur} end
+local held = tonumber(redis.call('HGET', KEYS[2], 'seq') or -1)
+if s > held then
+  redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'state', ARGV[3])
+  redis.call('PUBLISH', KEYS[3], 's ' .. e .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+end
+return {1, cur}
+"#;
+
+/// List a joined session. KEYS: members, channel. ARGV: connection id,
+/// node, participant JSON, announce ("1": publish `user_joined`).
+pub const JOIN: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('PUBLISH', KEYS[2], 'j ' .. ARGV[2] .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
+end
+return 1
+"#;
+
+/// Unlist a session and publish its `user_left`, once: only the caller
+/// that removes it publishes. KEYS: members, channel. ARGV: connection id,
+/// the node it must belong to. Returns 1 if it was listed.
+pub const LEAVE: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local sp = string.find(v, ' ', 1, true)
+if not sp then redis.call('HDEL', KEYS[1], ARGV[1]) return 0 end
+local node = string.sub(v, 1, sp - 1)
+if node ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[2], 'l ' .. node .. ' ' .. ARGV[1] .. ' ' .. string.sub(v, sp + 1))
+return 1
+"#;
+
+/// A node's heartbeat, on Redis's clock. KEYS: nodes. ARGV: node.
+pub const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+return 1
+"#;
+
+/// Nodes whose last heartbeat is older than ARGV[1] ms, on Redis's clock
+/// (at most 16). KEYS: nodes.
+pub const DEAD_NODES: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, 16)
+"#;
