@@ -30,7 +30,7 @@ use redis::{Cmd, Value};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::{keys, scripts, ClusterCore, Event, Loaded, Presence, Refusal, Request};
+use super::{keys, scripts, ClusterCore, Event, JoinReply, Loaded, Presence, Refusal, Request};
 use crate::config::Config;
 use crate::protocol::encode::OPERATION_PREFIX;
 use crate::protocol::Participant;
@@ -46,6 +46,10 @@ const MAX_BATCH: usize = 512;
 const FILL_BATCH: usize = 512;
 /// How long a Redis command may take before the node counts Redis as gone.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a batch whose replies were lost is sent again before its
+/// requests are answered UNAVAILABLE (their outcome unknown). Meanwhile new
+/// requests are refused at once while Redis is away.
+const RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// The running bridge: what the cores need to reach it.
 pub struct Bridge {
@@ -159,6 +163,8 @@ struct Doc {
 
 struct Inner {
     s: Settings,
+    /// The number Redis gave this node.
+    number: u64,
     client: redis::Client,
     conn: ConnectionManager,
     registry: Arc<Registry>,
@@ -214,6 +220,7 @@ async fn run(
     };
     let b = Rc::new(Inner {
         s,
+        number,
         client,
         conn,
         registry,
@@ -267,6 +274,7 @@ enum Answer {
     None,
     Append { core: usize, session: u64, client_op_id: Option<Box<str>>, document: Box<str> },
     Snapshot { core: usize, session: u64, seq: u64, document: Box<str> },
+    Join { document: Box<str>, participant: Participant, reply: JoinReply },
 }
 
 fn int(v: &Value) -> Option<i64> {
@@ -401,6 +409,8 @@ impl Inner {
 
     async fn serve(self: Rc<Self>, requests: flume::Receiver<Request>) {
         let mut conn = self.conn.clone();
+        let mut tokens = 0u64;
+        let mut retrying: Option<tokio::task::JoinHandle<()>> = None;
         while let Ok(first) = requests.recv_async().await {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -409,111 +419,226 @@ impl Inner {
                     Err(_) => break,
                 }
             }
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            let mut answers = Vec::new();
-            for r in batch {
-                self.add(r, &mut pipe, &mut answers);
-            }
-            if answers.is_empty() {
+            // Loads and unfollows are not commands of the pipeline; each
+            // append gets a token that finds it again after a lost reply.
+            let sent: Vec<(Request, String)> = batch
+                .into_iter()
+                .filter_map(|r| match r {
+                    Request::Load { document, core } => {
+                        tokio::task::spawn_local(self.clone().load(document, core));
+                        None
+                    }
+                    Request::Unfollow { document } => {
+                        self.unfollow(&document);
+                        None
+                    }
+                    r => {
+                        tokens += 1;
+                        Some((r, format!("{:x}.{tokens:x}", self.number)))
+                    }
+                })
+                .collect();
+            if sent.is_empty() {
                 continue;
             }
-            if !self.healthy() {
+            // A batch whose replies were lost goes first once Redis is back;
+            // while it is not, what comes meanwhile is refused at once (it
+            // was never sent, so it can not overtake the lost batch).
+            if let Some(r) = retrying.as_mut() {
+                if r.is_finished() || self.healthy() {
+                    let _ = r.await;
+                    retrying = None;
+                }
+            }
+            if retrying.is_some() || !self.healthy() {
                 // Redis did not answer the last heartbeat: refuse at once
                 // rather than queue behind a timeout; the ticker notices
                 // when it is back.
+                let (_, answers) = self.build(&sent, false);
                 self.answer_all(answers, "Redis is unreachable").await;
                 continue;
             }
-            match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                Ok(values) => {
-                    self.ok();
-                    for (a, v) in answers.into_iter().zip(values) {
-                        self.answer(a, Ok(v)).await;
-                    }
+            if let Err((e, refused)) = self.send_batch(&mut conn, &sent, false).await {
+                if refused {
+                    // Redis refused the connection: nothing was sent.
+                    self.failed(&e);
+                    let (_, answers) = self.build(&sent, false);
+                    self.answer_all(answers, &e).await;
+                    continue;
                 }
-                Err(e) => {
-                    self.failed(&e.to_string());
-                    self.answer_all(answers, &e.to_string()).await;
-                }
+                // The connection failed with the batch on its way: Redis may
+                // have run some of it. It is sent again once Redis answers
+                // (appends find themselves by their token, the rest is
+                // idempotent), so what Redis sequenced is acked, nothing
+                // twice; only after RETRY_FOR is the outcome given up on.
+                self.failed(&e);
+                retrying = Some(tokio::task::spawn_local(self.clone().retry(sent)));
             }
         }
     }
 
-    fn add(self: &Rc<Self>, r: Request, pipe: &mut redis::Pipeline, answers: &mut Vec<Answer>) {
-        match r {
-            Request::Load { document, core } => {
-                tokio::task::spawn_local(self.clone().load(document, core));
+    /// Sends a batch and answers its requests; `Err`: no reply came (the
+    /// requests are not answered), and whether the connection was refused
+    /// (then nothing was sent).
+    async fn send_batch(
+        &self,
+        conn: &mut ConnectionManager,
+        sent: &[(Request, String)],
+        retry: bool,
+    ) -> Result<(), (String, bool)> {
+        let (pipe, answers) = self.build(sent, retry);
+        let values = match pipe.query_async::<Vec<Value>>(conn).await {
+            // Sent again, a request that Redis refused now (still loading
+            // its data after a restart, say) may have run the first time:
+            // the whole batch goes again.
+            Ok(values) if retry && values.iter().any(|v| matches!(v, Value::ServerError(_))) => {
+                let first = values.iter().find_map(|v| match v {
+                    Value::ServerError(e) => Some(e.to_string()),
+                    _ => None,
+                });
+                return Err((first.unwrap_or_default(), false));
             }
-            Request::Unfollow { document } => {
-                self.docs.borrow_mut().remove(&document);
-                if let Some(mut sink) = self.sink.borrow().clone() {
-                    let channel = keys::channel(&document);
-                    tokio::task::spawn_local(async move {
-                        let _ = tokio::time::timeout(REDIS_TIMEOUT, sink.unsubscribe(channel)).await;
-                    });
-                }
+            Ok(values) => values,
+            Err(e) => return Err((e.to_string(), e.is_connection_refusal())),
+        };
+        self.ok();
+        for (a, v) in answers.into_iter().zip(values) {
+            self.answer(a, Ok(v)).await;
+        }
+        Ok(())
+    }
+
+    /// Sends a batch whose replies were lost again until Redis answers it.
+    async fn retry(self: Rc<Self>, sent: Vec<(Request, String)>) {
+        let since = Instant::now();
+        let mut conn = self.conn.clone();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if since.elapsed() >= RETRY_FOR {
+                let (_, answers) = self.build(&sent, true);
+                let why = "Redis went away while the request was sent, and did not come back in time; it may have been applied";
+                self.answer_all(answers, why).await;
+                return;
             }
-            Request::Append { document, epoch, origin, suffix, core, session, client_op_id } => {
-                let (meta, ops, snap, ch) =
-                    (keys::meta(&document), keys::ops(&document), keys::snapshot(&document), keys::channel(&document));
-                let (epoch, origin, maxlen) =
-                    (epoch.to_string(), origin.to_string(), self.s.stream_max_ops.to_string());
-                let new = Epoch::random().to_string();
-                pipe.add_command(eval(
-                    scripts::APPEND,
-                    &[&meta, &ops, &snap, &ch],
-                    &[
-                        epoch.as_bytes(),
-                        origin.as_bytes(),
-                        OPERATION_PREFIX.as_bytes(),
-                        &suffix,
-                        maxlen.as_bytes(),
-                        new.as_bytes(),
-                    ],
-                ));
-                answers.push(Answer::Append { core, session, client_op_id, document });
+            if !self.healthy() {
+                continue;
             }
-            Request::Snapshot { document, epoch, seq, state, core, session } => {
-                let (meta, snap, ch) = (keys::meta(&document), keys::snapshot(&document), keys::channel(&document));
-                let (epoch, seq_text) = (epoch.to_string(), seq.to_string());
-                pipe.add_command(eval(
-                    scripts::SNAPSHOT,
-                    &[&meta, &snap, &ch],
-                    &[epoch.as_bytes(), seq_text.as_bytes(), state.as_bytes()],
-                ));
-                answers.push(Answer::Snapshot { core, session, seq, document });
-            }
-            Request::Join { document, participant, announce } => {
-                let json = serde_json::to_string(&participant).unwrap_or_default();
-                let conn = participant.connection_id.to_string();
-                pipe.add_command(eval(
-                    scripts::JOIN,
-                    &[&keys::members(&document), &keys::channel(&document)],
-                    &[conn.as_bytes(), self.s.node.as_bytes(), json.as_bytes(), if announce { b"1" } else { b"0" }],
-                ));
-                pipe.cmd("SADD").arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
-                answers.push(Answer::None);
-                answers.push(Answer::None);
-            }
-            Request::Leave { document, connection_id } => {
-                let conn = connection_id.to_string();
-                pipe.add_command(eval(
-                    scripts::LEAVE,
-                    &[&keys::members(&document), &keys::channel(&document)],
-                    &[conn.as_bytes(), self.s.node.as_bytes()],
-                ));
-                pipe.cmd("SREM").arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
-                answers.push(Answer::None);
-                answers.push(Answer::None);
-            }
-            Request::Cursor { document, connection_id, frame } => {
-                let mut message = format!("c {} {connection_id} ", self.s.node).into_bytes();
-                message.extend_from_slice(&frame);
-                pipe.cmd("PUBLISH").arg(keys::channel(&document)).arg(message);
-                answers.push(Answer::None);
+            match self.send_batch(&mut conn, &sent, true).await {
+                Ok(()) => return,
+                Err((e, _)) => self.failed(&e),
             }
         }
+    }
+
+    fn unfollow(&self, document: &str) {
+        self.docs.borrow_mut().remove(document);
+        if let Some(mut sink) = self.sink.borrow().clone() {
+            let channel = keys::channel(document);
+            tokio::task::spawn_local(async move {
+                let _ = tokio::time::timeout(REDIS_TIMEOUT, sink.unsubscribe(channel)).await;
+            });
+        }
+    }
+
+    /// The pipeline of a batch, and what to do with each reply. `retry`: the
+    /// batch was sent before and its replies were lost (cursors are not
+    /// sent again).
+    fn build(&self, sent: &[(Request, String)], retry: bool) -> (redis::Pipeline, Vec<Answer>) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut answers = Vec::new();
+        for (r, token) in sent {
+            match r {
+                Request::Load { .. } | Request::Unfollow { .. } => {}
+                Request::Append { document, epoch, origin, suffix, core, session, client_op_id } => {
+                    let (meta, ops, snap, ch) =
+                        (keys::meta(document), keys::ops(document), keys::snapshot(document), keys::channel(document));
+                    let (epoch, origin, maxlen) =
+                        (epoch.to_string(), origin.to_string(), self.s.stream_max_ops.to_string());
+                    let new = Epoch::random().to_string();
+                    pipe.add_command(eval(
+                        scripts::APPEND,
+                        &[&meta, &ops, &snap, &ch],
+                        &[
+                            epoch.as_bytes(),
+                            origin.as_bytes(),
+                            OPERATION_PREFIX.as_bytes(),
+                            suffix,
+                            maxlen.as_bytes(),
+                            new.as_bytes(),
+                            token.as_bytes(),
+                            if retry { b"1" } else { b"0" },
+                        ],
+                    ));
+                    answers.push(Answer::Append {
+                        core: *core,
+                        session: *session,
+                        client_op_id: client_op_id.clone(),
+                        document: document.clone(),
+                    });
+                }
+                Request::Snapshot { document, epoch, seq, state, core, session } => {
+                    let (meta, snap, ch) = (keys::meta(document), keys::snapshot(document), keys::channel(document));
+                    let (epoch, seq_text) = (epoch.to_string(), seq.to_string());
+                    pipe.add_command(eval(
+                        scripts::SNAPSHOT,
+                        &[&meta, &snap, &ch],
+                        &[epoch.as_bytes(), seq_text.as_bytes(), state.as_bytes()],
+                    ));
+                    answers.push(Answer::Snapshot {
+                        core: *core,
+                        session: *session,
+                        seq: *seq,
+                        document: document.clone(),
+                    });
+                }
+                Request::Join { document, participant, announce, reply } => {
+                    let json = serde_json::to_string(participant).unwrap_or_default();
+                    let conn = participant.connection_id.to_string();
+                    pipe.add_command(eval(
+                        scripts::JOIN,
+                        &[&keys::members(document), &keys::channel(document)],
+                        &[
+                            conn.as_bytes(),
+                            self.s.node.as_bytes(),
+                            json.as_bytes(),
+                            if *announce { b"1" } else { b"0" },
+                        ],
+                    ));
+                    pipe.cmd("SADD").arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
+                    answers.push(match reply {
+                        Some(reply) => Answer::Join {
+                            document: document.clone(),
+                            participant: participant.clone(),
+                            reply: reply.clone(),
+                        },
+                        None => Answer::None,
+                    });
+                    answers.push(Answer::None);
+                }
+                Request::Leave { document, connection_id } => {
+                    let conn = connection_id.to_string();
+                    pipe.add_command(eval(
+                        scripts::LEAVE,
+                        &[&keys::members(document), &keys::channel(document)],
+                        &[conn.as_bytes(), self.s.node.as_bytes()],
+                    ));
+                    pipe.cmd("SREM").arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
+                    answers.push(Answer::None);
+                    answers.push(Answer::None);
+                }
+                Request::Cursor { document, connection_id, frame } => {
+                    if retry {
+                        continue;
+                    }
+                    let mut message = format!("c {} {connection_id} ", self.s.node).into_bytes();
+                    message.extend_from_slice(frame);
+                    pipe.cmd("PUBLISH").arg(keys::channel(document)).arg(message);
+                    answers.push(Answer::None);
+                }
+            }
+        }
+        (pipe, answers)
     }
 
     async fn answer_all(&self, answers: Vec<Answer>, why: &str) {
@@ -545,6 +670,14 @@ impl Inner {
                     self.registry.cluster.unavailable.fetch_add(1, Relaxed);
                 }
                 let _ = self.events[core].send_async(Event::Appended { session, client_op_id, result }).await;
+            }
+            Answer::Join { document, participant, reply } => {
+                let result = match failure {
+                    Some(why) => Err(why),
+                    None => Ok(members(v, &self.s.node)),
+                };
+                let core = reply.core;
+                let _ = self.events[core].send_async(Event::Joined { document, participant, reply, result }).await;
             }
             Answer::Snapshot { core, session, seq, document } => {
                 let result = match (failure, pair(&v)) {

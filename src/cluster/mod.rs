@@ -52,13 +52,24 @@ pub enum Request {
     },
     /// Store a snapshot. Answered by [`Event::SnapshotStored`].
     Snapshot { document: Box<str>, epoch: Epoch, seq: u64, state: Box<str>, core: usize, session: u64 },
-    /// A local session joined: list it in Redis and tell the other nodes
-    /// (`announce`; false when it is only listed again after Redis lost it).
-    Join { document: Box<str>, participant: Participant, announce: bool },
+    /// A local session joins: list it in Redis and tell the other nodes
+    /// (`announce`). With `reply`, answered by [`Event::Joined`] with every
+    /// member Redis lists, so that the session's `joined_document` names
+    /// everyone whose own join was answered before, on any node.
+    Join { document: Box<str>, participant: Participant, announce: bool, reply: Option<JoinReply> },
     /// A local session left.
     Leave { document: Box<str>, connection_id: u64 },
     /// A local session's cursor, for the other nodes.
     Cursor { document: Box<str>, connection_id: u64, frame: Box<[u8]> },
+}
+
+/// Who waits for a [`Request::Join`], and what the join asked for.
+#[derive(Debug, Clone)]
+pub struct JoinReply {
+    pub core: usize,
+    pub session: u64,
+    pub since: Option<u64>,
+    pub epoch: Option<String>,
 }
 
 /// A document as Redis holds it, when a node loads it.
@@ -155,6 +166,14 @@ pub enum Event {
         session: u64,
         seq: u64,
         result: Result<(), Refusal>,
+    },
+    /// The answer to a [`Request::Join`] with a reply: the members of other
+    /// nodes, or why Redis did not list the session.
+    Joined {
+        document: Box<str>,
+        participant: Participant,
+        reply: JoinReply,
+        result: Result<Vec<Participant>, String>,
     },
 }
 

@@ -19,7 +19,9 @@ return {e, tonumber(redis.call('HGET', KEYS[1], 'seq') or 0)}
 
 /// Sequence one operation. KEYS: meta, ops, snap, channel.
 /// ARGV: epoch, origin, frame prefix, frame suffix, stream length, the epoch
-/// to start if Redis lost the document.
+/// to start if Redis lost the document, the operation's token, and "1" when
+/// it is sent again after a lost reply (then an entry with its token among
+/// the stream's last 1000 is its answer: it is not appended twice).
 /// Returns `{seq, epoch}`, or `{0, epoch}` when the epoch is not the
 /// caller's (nothing was stored).
 pub const APPEND: &str = r#"
@@ -30,9 +32,20 @@ if not e then
   redis.call('HSET', KEYS[1], 'epoch', e, 'seq', 0)
 end
 if e ~= ARGV[1] then return {0, e} end
+if ARGV[8] == '1' then
+  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1000)) do
+    local f = entry[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'k' and f[i + 1] == ARGV[7] then
+        local id = entry[1]
+        return {tonumber(string.sub(id, 1, string.find(id, '-', 1, true) - 1)), e}
+      end
+    end
+  end
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local frame = ARGV[3] .. seq .. ARGV[4]
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'f', frame, 'o', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'f', frame, 'o', ARGV[2], 'k', ARGV[7])
 redis.call('PUBLISH', KEYS[4], 'o ' .. e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. frame)
 return {seq, e}
 "#;
@@ -55,13 +68,14 @@ return {1, cur}
 "#;
 
 /// List a joined session. KEYS: members, channel. ARGV: connection id,
-/// node, participant JSON, announce ("1": publish `user_joined`).
+/// node, participant JSON, announce ("1": publish `user_joined`). Returns
+/// every member (`HGETALL`).
 pub const JOIN: &str = r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 if ARGV[4] == '1' then
   redis.call('PUBLISH', KEYS[2], 'j ' .. ARGV[2] .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
 end
-return 1
+return redis.call('HGETALL', KEYS[1])
 "#;
 
 /// Unlist a session and publish its `user_left`, once: only the caller

@@ -9,9 +9,9 @@ use std::rc::Rc;
 use serde_json::value::RawValue;
 
 use super::{Shard, Subscription};
-use crate::cluster::{Event, Presence, Refusal, Request};
+use crate::cluster::{Event, JoinReply, Presence, Refusal, Request};
 use crate::document::{DocumentHub, Restored, Snapshot};
-use crate::protocol::{encode, ErrorCode};
+use crate::protocol::{encode, ErrorCode, Participant};
 use crate::store::Epoch;
 use crate::ws::{Kind, OutFrame};
 
@@ -71,19 +71,12 @@ impl Shard {
                 hub.publish_presence(origin, frame);
             }
             Event::Members { document, members } => {
-                let Some(hub) = self.document(&document) else { return };
-                let listed: HashSet<u64> = members.iter().map(|p| p.connection_id).collect();
-                for p in hub.remote_participants() {
-                    if !listed.contains(&p.connection_id) && hub.remove_remote(p.connection_id) {
-                        hub.publish_presence(p.connection_id, encode::user_left(p.connection_id, &p.user_id));
-                    }
+                if let Some(hub) = self.document(&document) {
+                    self.reconcile_members(&hub, members);
                 }
-                for p in members {
-                    let (id, frame) = (p.connection_id, encode::user_joined(&p));
-                    if hub.add_remote(p) {
-                        hub.publish_presence(id, frame);
-                    }
-                }
+            }
+            Event::Joined { document, participant, reply, result } => {
+                self.cluster_joined(&document, participant, reply, result)
             }
             Event::Snapshot { document, epoch, seq, state } => {
                 let Some(hub) = self.document(&document).filter(|h| h.epoch == epoch) else { return };
@@ -124,6 +117,68 @@ impl Shard {
         }
     }
 
+    /// Announces the difference between the remote participants a hub knows
+    /// and those Redis lists.
+    fn reconcile_members(&self, hub: &DocumentHub, members: Vec<Participant>) {
+        let listed: HashSet<u64> = members.iter().map(|p| p.connection_id).collect();
+        for p in hub.remote_participants() {
+            if !listed.contains(&p.connection_id) && hub.remove_remote(p.connection_id) {
+                hub.publish_presence(p.connection_id, encode::user_left(p.connection_id, &p.user_id));
+            }
+        }
+        for p in members {
+            let (id, frame) = (p.connection_id, encode::user_joined(&p));
+            if hub.add_remote(p) {
+                hub.publish_presence(id, frame);
+            }
+        }
+    }
+
+    /// Redis listed a joining session (or could not): the join finishes with
+    /// every member Redis knows, so the session's `joined_document` names
+    /// everyone whose join was answered before its own, on any node.
+    fn cluster_joined(
+        &self,
+        document: &str,
+        participant: Participant,
+        reply: JoinReply,
+        result: Result<Vec<Participant>, String>,
+    ) {
+        let session = self.session(reply.session).filter(|s| s.is_open() && s.sub.borrow().is_none());
+        let hub = self.document(document);
+        let (Some(session), Some(hub)) = (session, hub) else {
+            // Gone meanwhile: unlist it again.
+            if result.is_ok() {
+                if let Some(cluster) = &self.cluster {
+                    let connection_id = participant.connection_id;
+                    cluster.send(Request::Leave { document: document.into(), connection_id });
+                }
+            }
+            if let Some(s) = self.session(reply.session) {
+                s.join_done();
+            }
+            return;
+        };
+        match result {
+            Ok(members) => {
+                // Only additions: one that joined after Redis listed these may
+                // be known already (its notification came first).
+                for p in members {
+                    let (id, frame) = (p.connection_id, encode::user_joined(&p));
+                    if hub.add_remote(p) {
+                        hub.publish_presence(id, frame);
+                    }
+                }
+                super::handlers::joined(self, &session, &hub, participant, reply.since, reply.epoch.as_deref());
+            }
+            Err(e) => {
+                let message = format!("the cluster could not list the session: {e}");
+                session.send_text(self, encode::error(ErrorCode::Unavailable, &message));
+            }
+        }
+        session.join_done();
+    }
+
     /// A document the bridge loaded from Redis: its hub, then everyone who
     /// waited to join it.
     fn cluster_loaded(&self, document: &str, result: Result<crate::cluster::Loaded, String>) {
@@ -141,8 +196,9 @@ impl Shard {
                 }
                 let hub = self.loaded(document, Rc::new(hub));
                 for w in waiters {
-                    super::handlers::finish_join(self, &w.session, hub.clone(), w.since, w.epoch.as_deref());
-                    w.session.join_done();
+                    if super::handlers::finish_join(self, &w.session, hub.clone(), w.since, w.epoch.as_deref()) {
+                        w.session.join_done();
+                    }
                 }
             }
             Err(e) => {
@@ -179,7 +235,7 @@ impl Shard {
             *session.sub.borrow_mut() = Some(Subscription::new(hub.clone()));
             session.send_text(self, encode::epoch_changed(&hub.epoch_text));
             if let Some(cluster) = &self.cluster {
-                cluster.send(Request::Join { document: document.into(), participant: p, announce: true });
+                cluster.send(Request::Join { document: document.into(), participant: p, announce: true, reply: None });
             }
         }
     }

@@ -15,7 +15,7 @@ use super::state::{Auth, User};
 use super::{Session, Shard, Subscription};
 use crate::auth::AuthError;
 use crate::close;
-use crate::cluster::Request;
+use crate::cluster::{JoinReply, Request};
 use crate::document::{DocumentHub, Sync};
 use crate::protocol::{self, check_depth, check_state, encode, field, ClientType, Envelope, ErrorCode, Participant};
 use crate::store::record::Kind;
@@ -164,7 +164,9 @@ fn join(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), Stri
         epoch: epoch.clone(),
     };
     match shard.open_document(&session.info.document, waiter) {
-        Some(hub) => finish_join(shard, session, hub, since, epoch.as_deref()),
+        Some(hub) => {
+            finish_join(shard, session, hub, since, epoch.as_deref());
+        }
         // Loading from the store: the reader holds this session's next
         // messages until `finish_join` ran.
         None => session.join_pending(),
@@ -174,19 +176,22 @@ fn join(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(), Stri
 
 /// Joins a session to its loaded document: subscribe, `joined_document`,
 /// `user_joined` to the others, then the `sync_response` a `since` asked for.
+/// Returns false when the join waits for Redis (cluster mode: the session is
+/// listed there first, and `joined` finishes it); the session then holds its
+/// next messages.
 pub(super) fn finish_join(
     shard: &Shard,
     session: &Session,
     hub: Rc<DocumentHub>,
     since: Option<u64>,
     epoch: Option<&str>,
-) {
+) -> bool {
     if !session.is_open() || session.sub.borrow().is_some() {
-        return;
+        return true;
     }
     let participant = {
         let auth = session.auth.borrow();
-        let Some(user) = auth.user() else { return }; // checked before
+        let Some(user) = auth.user() else { return true }; // checked before
         Participant {
             connection_id: session.info.id,
             user_id: user.user_id.clone(),
@@ -197,13 +202,30 @@ pub(super) fn finish_join(
     let max_sessions = shard.config.documents.max_sessions;
     if hub.subscriber_count() >= max_sessions {
         let message = format!("the document has {max_sessions} sessions joined, the most it may have");
-        return reply_error(shard, session, ErrorCode::DocumentFull, &message);
+        reply_error(shard, session, ErrorCode::DocumentFull, &message);
+        return true;
     }
-    let user_joined = encode::user_joined(&participant);
     if let Some(cluster) = &shard.cluster {
-        let p = participant.clone();
-        cluster.send(Request::Join { document: hub.id.clone(), participant: p, announce: true });
+        let reply = JoinReply { core: shard.index, session: session.info.id, since, epoch: epoch.map(Into::into) };
+        cluster.send(Request::Join { document: hub.id.clone(), participant, announce: true, reply: Some(reply) });
+        session.join_pending();
+        return false;
     }
+    joined(shard, session, &hub, participant, since, epoch);
+    true
+}
+
+/// The second half of a join: subscribe, `joined_document`, `user_joined`,
+/// and the sync a `since` asked for.
+pub(super) fn joined(
+    shard: &Shard,
+    session: &Session,
+    hub: &Rc<DocumentHub>,
+    participant: Participant,
+    since: Option<u64>,
+    epoch: Option<&str>,
+) {
+    let user_joined = encode::user_joined(&participant);
     *session.sub.borrow_mut() = Some(Subscription::new(hub.clone()));
     hub.subscribe(participant, session.writer_waker.clone());
     let listed = shard.config.documents.max_participants_listed;
@@ -215,7 +237,7 @@ pub(super) fn finish_join(
     shard.stats().broadcasts.add(1);
     hub.publish_presence(session.info.id, user_joined);
     match since {
-        Some(since) => sync_response(shard, session, &hub, since, epoch),
+        Some(since) => sync_response(shard, session, hub, since, epoch),
         None if epoch.is_some_and(|e| e != &*hub.epoch_text) => {
             session.send_text(shard, encode::epoch_changed(&hub.epoch_text));
         }

@@ -216,8 +216,9 @@ impl Shard {
             Ok(hub) => {
                 let hub = self.loaded(&id, Rc::new(hub));
                 for w in waiters {
-                    super::handlers::finish_join(&self, &w.session, hub.clone(), w.since, w.epoch.as_deref());
-                    w.session.join_done();
+                    if super::handlers::finish_join(&self, &w.session, hub.clone(), w.since, w.epoch.as_deref()) {
+                        w.session.join_done();
+                    }
                 }
             }
             Err(e) => {

@@ -3,6 +3,8 @@
 //! (tungstenite), raw sockets, /metrics scraping and temporary directories.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
