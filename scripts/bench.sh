@@ -7,6 +7,7 @@
 #   scripts/bench.sh --scenarios fanout  only some: fanout,rooms,storm,idle,durable
 #   scripts/bench.sh --runs 1 --quick    shorter windows, for a smoke test
 #   scripts/bench.sh --scenarios durable the cost of durable storage (docrelay only)
+#   scripts/bench.sh --scenarios cluster one node in memory, one on Redis, two on Redis
 #
 # Options:
 #   --relay-cpus LIST   CPUs for the server under test (default: 0); docrelay gets one
@@ -17,6 +18,8 @@
 #   --scenarios LIST    fanout,rooms,storm,idle,durable (default: fanout,rooms,storm,idle;
 #                       durable is not in the default set: its 8 searches for a maximum
 #                       take longer than all the others together)
+#   --redis-cpu LIST    CPUs for redis-server in the cluster scenario (default: the
+#                       relay's, so that a 2-CPU machine keeps the load generator alone)
 #   --quick             shorter measurement windows
 #
 # Scenarios (see README "Performance"):
@@ -41,6 +44,14 @@
 #           eighth of the starting rate; a failing step is measured once more before it
 #           counts as failed (a shared VM has hiccups); a mode the relay refuses to start with is
 #           reported as such and the others go on. Summary: target/bench/durable-summary.json
+#   cluster docrelay only, three set-ups in the same run: one node in memory (no
+#           [cluster]), one node on Redis, and two nodes on one Redis with the clients
+#           split between them (subscribers of a document on both nodes, so every
+#           operation crosses nodes). Shape: 100 documents x (1 sender + 4
+#           subscribers), 256 B. Each set-up is measured at a fixed 1000 ops/s (end-to-end
+#           p50/p99, CPU of the nodes and of Redis) and with --find-max (delivery >= 99%,
+#           p99 <= 50 ms). Redis: redis-server on a free port in a fresh directory,
+#           appendonly yes, appendfsync everysec. Summary: target/bench/cluster-summary.json
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -50,6 +61,7 @@ RUNS=3
 SERVERS=docrelay,baseline
 SCENARIOS=fanout,rooms,storm,idle
 QUICK=0
+REDIS_CPU=
 while [ $# -gt 0 ]; do
     case $1 in
         --relay-cpus) RELAY_CPUS=$2; shift 2 ;;
@@ -57,6 +69,7 @@ while [ $# -gt 0 ]; do
         --runs) RUNS=$2; shift 2 ;;
         --servers) SERVERS=$2; shift 2 ;;
         --scenarios) SCENARIOS=$2; shift 2 ;;
+        --redis-cpu) REDIS_CPU=$2; shift 2 ;;
         --quick) QUICK=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
@@ -161,9 +174,11 @@ scenario_args() {
 # durable has its own loop and summary (below); the others share this one.
 MAIN_SCENARIOS=
 DURABLE=0
+CLUSTER=0
 for scenario in ${SCENARIOS//,/ }; do
     case $scenario in
         durable) DURABLE=1 ;;
+        cluster) CLUSTER=1 ;;
         fanout|rooms|storm|idle) MAIN_SCENARIOS=${MAIN_SCENARIOS:+$MAIN_SCENARIOS,}$scenario ;;
         *) echo "unknown scenario $scenario" >&2; exit 2 ;;
     esac
@@ -233,6 +248,134 @@ for s, label, d, b, r in rows:
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 print(f"\nJSON: {out}/summary.json and {out}/<scenario>-<server>-<run>.json")
+PY
+fi
+
+# ---------------------------------------------------------------------------
+# cluster: one node in memory, one node on Redis, two nodes on one Redis.
+
+if [ "$CLUSTER" = 1 ]; then
+command -v redis-server >/dev/null 2>&1 || { log "cluster: redis-server not found (apt-get install redis-server)"; exit 1; }
+REDIS_CPU=${REDIS_CPU:-$RELAY_CPUS}
+CLUSTER_SETUPS="memory redis1 redis2"
+CLUSTER_SHAPE="--docs 100 --subs 4 --senders 1 --payload 256"
+CLUSTER_RATE=1000
+REDIS_PID=
+REDIS_DIR=
+NODE_PIDS=()
+stop_cluster() {
+    for pid in "${NODE_PIDS[@]}"; do SERVER_PID=$pid; stop_server; done
+    NODE_PIDS=()
+    if [ -n "$REDIS_PID" ]; then kill -TERM "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; fi
+    REDIS_PID=
+    if [ -n "$REDIS_DIR" ]; then rm -rf "$REDIS_DIR"; fi
+    REDIS_DIR=
+}
+trap 'stop_cluster; cleanup' EXIT
+start_redis() {
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    REDIS_DIR=$(mktemp -d "$PWD/$OUT/redis.XXXXXX")
+    taskset -c "$REDIS_CPU" redis-server --port "$port" --bind 127.0.0.1 --dir "$REDIS_DIR" \
+        --appendonly yes --appendfsync everysec --save "" > "$REDIS_DIR/log" 2>&1 &
+    REDIS_PID=$!
+    for _ in $(seq 100); do
+        [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break
+        sleep 0.05
+    done
+    REDIS_URL="redis://127.0.0.1:$port/"
+}
+# Starts the set-up; sets CLUSTER_ADDRS (comma-separated) and NODE_PIDS.
+start_setup() { # setup
+    local nodes=1 config=
+    case $1 in
+        memory) ;;
+        redis1|redis2)
+            [ "$1" = redis2 ] && nodes=2
+            start_redis
+            config=$REDIS_DIR/docrelay.toml
+            printf '[cluster]\nredis_url = "%s"\n' "$REDIS_URL" > "$config"
+            ;;
+    esac
+    CLUSTER_ADDRS=
+    for _ in $(seq "$nodes"); do
+        start_server docrelay "$config" || return 1
+        NODE_PIDS+=("$SERVER_PID")
+        CLUSTER_ADDRS=${CLUSTER_ADDRS:+$CLUSTER_ADDRS,}$SERVER_ADDR
+    done
+}
+for run in $(seq "$RUNS"); do
+    for setup in $CLUSTER_SETUPS; do
+        for what in fixed max; do
+            json=$OUT/cluster-$setup-$what-$run.json
+            rm -f "$json"
+            if ! start_setup "$setup"; then
+                log "cluster / $setup: did not start: $SERVER_ERROR"
+                stop_cluster
+                continue
+            fi
+            pids=$(IFS=,; echo "${NODE_PIDS[*]}")
+            case $what in
+                fixed) args="--rate $CLUSTER_RATE --duration $((DUR * 2)) --warmup $WARM" ;;
+                max) args="--find-max --rate 2000 --step 1.4 --refine 2 --confirm 1 --duration $DUR --warmup $WARM" ;;
+            esac
+            log "cluster / $setup / $what / run $run on $CLUSTER_ADDRS (nodes and Redis on CPU $RELAY_CPUS/$REDIS_CPU, load CPU $LOAD_CPU)"
+            # shellcheck disable=SC2086
+            taskset -c "$LOAD_CPU" "$BIN/docrelay-load" --addr "$CLUSTER_ADDRS" --cpu "$LOAD_CPU" \
+                --relay-pid "$pids" ${REDIS_PID:+--redis-pid $REDIS_PID} --relay-cpus "$RELAY_CPUS" \
+                --label "cluster-$setup-$what" --doc-prefix "cluster$run$setup$what" --json "$json" \
+                $CLUSTER_SHAPE $args >&2 || log "load generator failed (cluster/$setup/$what/$run)"
+            stop_cluster
+        done
+    done
+done
+python3 - "$OUT" "$RUNS" "$CLUSTER_SETUPS" "$RELAY_CPUS" "$REDIS_CPU" "$LOAD_CPU" "$CLUSTER_RATE" <<'PY'
+import json, os, statistics, sys, platform, datetime
+out, runs, setups, relay_cpus, redis_cpu, load_cpu, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7])
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+def load(setup, what, r):
+    p = os.path.join(out, f"cluster-{setup}-{what}-{r}.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        res = json.load(f)
+    if what == "max":
+        return res.get("best")
+    steps = res.get("steps") or []
+    return steps[-1] if steps else None
+summary = {"date": datetime.datetime.utcnow().isoformat() + "Z", "host": platform.node(), "cpus": os.cpu_count(),
+           "relay_cpus": relay_cpus, "redis_cpu": redis_cpu, "load_cpu": load_cpu, "runs": runs, "fixed_rate": rate,
+           "shape": "100 documents x (1 sender + 4 subscribers), 256 B", "setups": {}}
+for s in setups:
+    fixed = [load(s, "fixed", r) for r in range(1, runs + 1)]
+    best = [load(s, "max", r) for r in range(1, runs + 1)]
+    g = lambda xs, k: med([x.get(k) for x in xs if x])
+    summary["setups"][s] = {
+        "max_ops_per_sec": g(best, "ops_per_sec"),
+        "max_p99_ms": (lambda v: None if v is None else v / 1000)(g(best, "p99_us")),
+        "fixed_p50_ms": (lambda v: None if v is None else v / 1000)(g(fixed, "p50_us")),
+        "fixed_p99_ms": (lambda v: None if v is None else v / 1000)(g(fixed, "p99_us")),
+        "fixed_ack_p50_ms": (lambda v: None if v is None else v / 1000)(g(fixed, "ack_p50_us")),
+        "fixed_delivery_ratio": g(fixed, "delivery_ratio"),
+        "fixed_nodes_cpu_pct": g(fixed, "relay_cpu_pct"),
+        "fixed_redis_cpu_pct": g(fixed, "redis_cpu_pct"),
+        "max_nodes_cpu_pct": g(best, "relay_cpu_pct"),
+        "max_redis_cpu_pct": g(best, "redis_cpu_pct"),
+        "runs_measured": sum(1 for b in best if b),
+    }
+fmt = lambda v, d=0: "-" if v is None else f"{v:,.{d}f}"
+names = {"memory": "1 node, memory", "redis1": "1 node on Redis", "redis2": "2 nodes on Redis"}
+print(f"\ncluster: medians of {runs} run(s); nodes on CPU {relay_cpus}, Redis on CPU {redis_cpu}, load generator on CPU {load_cpu}; {platform.node()}, {os.cpu_count()} CPUs")
+print(f"{'set-up':<18} {'max ops/s':>10} {'p50 @' + str(rate):>10} {'p99 @' + str(rate):>10} {'ack p50':>8} {'nodes CPU':>10} {'Redis CPU':>10} {'max: nodes/Redis CPU':>21}")
+for s in setups:
+    m = summary["setups"][s]
+    print(f"{names.get(s, s):<18} {fmt(m['max_ops_per_sec']):>10} {fmt(m['fixed_p50_ms'], 2):>8}ms {fmt(m['fixed_p99_ms'], 2):>8}ms {fmt(m['fixed_ack_p50_ms'], 2):>6}ms "
+          f"{fmt(m['fixed_nodes_cpu_pct']):>9}% {fmt(m['fixed_redis_cpu_pct']):>9}% {fmt(m['max_nodes_cpu_pct']):>10}% / {fmt(m['max_redis_cpu_pct'])}%")
+with open(os.path.join(out, "cluster-summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+print(f"\nJSON: {out}/cluster-summary.json and {out}/cluster-<set-up>-<fixed|max>-<run>.json")
 PY
 fi
 

@@ -43,9 +43,10 @@ enum Mode {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "docrelay-load", about = "Load generator for docrelay (and the baseline)")]
 struct Args {
-    /// Relay address.
-    #[arg(long, default_value = "127.0.0.1:9001")]
-    addr: SocketAddr,
+    /// Relay address, or several (a cluster's nodes): the clients are spread
+    /// over them in turn.
+    #[arg(long, default_value = "127.0.0.1:9001", value_delimiter = ',')]
+    addr: Vec<SocketAddr>,
     #[arg(long, value_enum, default_value = "run")]
     mode: Mode,
     /// Documents.
@@ -109,9 +110,13 @@ struct Args {
     /// Pin the load generator to this CPU.
     #[arg(long)]
     cpu: Option<usize>,
-    /// The relay's process id, for its CPU% and memory from /proc.
+    /// The relay's process id, for its CPU% and memory from /proc (several:
+    /// the nodes of a cluster, their CPU summed).
+    #[arg(long, value_delimiter = ',')]
+    relay_pid: Vec<u32>,
+    /// A Redis server's process id, for its CPU% (cluster runs).
     #[arg(long)]
-    relay_pid: Option<u32>,
+    redis_pid: Option<u32>,
     /// The CPUs the server is pinned to, for their busy share from /proc/stat.
     #[arg(long, value_delimiter = ',')]
     relay_cpus: Vec<usize>,
@@ -346,7 +351,7 @@ impl Engine {
 
     /// Starts a non-blocking connect for a new client.
     fn open(&mut self, doc: usize, is_sender: bool) {
-        let addr = self.args.addr;
+        let addr = self.args.addr[self.clients.len() % self.args.addr.len()];
         // SAFETY: plain socket setup on a fresh fd we own; sockaddr_in is
         // plain data filled field by field.
         let fd = unsafe {
@@ -473,7 +478,7 @@ impl Engine {
             return;
         }
         let doc = &self.docs[self.clients[idx].doc];
-        let addr = self.args.addr;
+        let addr = self.args.addr[0];
         let req = format!(
             "GET /ws/documents/{doc} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -819,18 +824,29 @@ impl BusyMeter {
 
 /// CPU use of a process over a window, in percent of one CPU.
 struct CpuMeter {
-    pid: String,
+    pids: Vec<String>,
     ticks: u64,
     at: Instant,
 }
 
 impl CpuMeter {
     fn start(pid: &str) -> Option<CpuMeter> {
-        Some(CpuMeter { pid: pid.to_string(), ticks: proc_cpu_ticks(pid)?, at: Instant::now() })
+        CpuMeter::start_all(&[pid.to_string()])
+    }
+    /// The CPU of several processes together; None when there are none.
+    fn start_all(pids: &[String]) -> Option<CpuMeter> {
+        if pids.is_empty() {
+            return None;
+        }
+        let ticks = pids.iter().map(|p| proc_cpu_ticks(p)).sum::<Option<u64>>()?;
+        Some(CpuMeter { pids: pids.to_vec(), ticks, at: Instant::now() })
+    }
+    fn of(pids: &[u32]) -> Option<CpuMeter> {
+        CpuMeter::start_all(&pids.iter().map(|p| p.to_string()).collect::<Vec<_>>())
     }
     fn percent(&self) -> Option<f64> {
-        let dt = proc_cpu_ticks(&self.pid)? - self.ticks;
-        Some(dt as f64 / clk_tck() / self.at.elapsed().as_secs_f64() * 100.0)
+        let now = self.pids.iter().map(|p| proc_cpu_ticks(p)).sum::<Option<u64>>()?;
+        Some((now - self.ticks) as f64 / clk_tck() / self.at.elapsed().as_secs_f64() * 100.0)
     }
 }
 
@@ -860,6 +876,8 @@ struct Step {
     gaps: u64,
     out_of_order: u64,
     relay_cpu: Option<f64>,
+    /// The Redis server's CPU (`--redis-pid`).
+    redis_cpu: Option<f64>,
     load_cpu: Option<f64>,
     /// Busy share of the server's CPUs from /proc/stat (softirq included).
     relay_busy: Option<f64>,
@@ -871,7 +889,7 @@ impl Step {
     fn json(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
         format!(
-            r#"{{"rate":{:.0},"ops":{},"acks":{},"deliveries":{},"expected":{},"delivery_ratio":{:.4},"deliveries_per_sec":{:.0},"p50_us":{},"p99_us":{},"p999_us":{},"max_us":{},"ops_per_sec":{:.0},"ack_ratio":{:.4},"ack_p50_us":{},"ack_p99_us":{},"ack_p999_us":{},"ack_max_us":{},"lagged":{},"gaps":{},"out_of_order":{},"relay_cpu_pct":{},"load_cpu_pct":{},"relay_cpus_busy_pct":{},"load_cpu_busy_pct":{},"secs":{:.2}}}"#,
+            r#"{{"rate":{:.0},"ops":{},"acks":{},"deliveries":{},"expected":{},"delivery_ratio":{:.4},"deliveries_per_sec":{:.0},"p50_us":{},"p99_us":{},"p999_us":{},"max_us":{},"ops_per_sec":{:.0},"ack_ratio":{:.4},"ack_p50_us":{},"ack_p99_us":{},"ack_p999_us":{},"ack_max_us":{},"lagged":{},"gaps":{},"out_of_order":{},"relay_cpu_pct":{},"redis_cpu_pct":{},"load_cpu_pct":{},"relay_cpus_busy_pct":{},"load_cpu_busy_pct":{},"secs":{:.2}}}"#,
             self.rate,
             self.ops,
             self.acks,
@@ -893,6 +911,7 @@ impl Step {
             self.gaps,
             self.out_of_order,
             opt(self.relay_cpu),
+            opt(self.redis_cpu),
             opt(self.load_cpu),
             opt(self.relay_busy),
             opt(self.load_busy),
@@ -986,7 +1005,8 @@ fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
     e.window_ops = 0;
     e.window_acks = 0;
     e.record_from = e.now_ns();
-    let relay = e.args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
+    let relay = CpuMeter::of(&e.args.relay_pid);
+    let redis = e.args.redis_pid.and_then(|p| CpuMeter::of(&[p]));
     let me = CpuMeter::start("self");
     let relay_busy = BusyMeter::start(&e.args.relay_cpus);
     let load_busy = e.args.cpu.and_then(|c| BusyMeter::start(&[c]));
@@ -995,6 +1015,7 @@ fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
     e.record_until = e.now_ns();
     let secs = start.elapsed().as_secs_f64();
     let relay_cpu = relay.and_then(|m| m.percent());
+    let redis_cpu = redis.and_then(|m| m.percent());
     let load_cpu = me.and_then(|m| m.percent());
     let relay_busy = relay_busy.and_then(|m| m.percent());
     let load_busy = load_busy.and_then(|m| m.percent());
@@ -1036,6 +1057,7 @@ fn measure(e: &mut Engine, rate: f64, per_op_fanout: u64) -> Step {
         gaps: e.stats.gaps - gap0,
         out_of_order: e.stats.out_of_order - ooo0,
         relay_cpu,
+        redis_cpu,
         load_cpu,
         relay_busy,
         load_busy,
@@ -1183,7 +1205,7 @@ fn reader_plan(e: &mut Engine) -> Vec<(usize, bool)> {
 fn storm_mode(args: Args) {
     let mut e = Engine::new(args.clone());
     let plan = reader_plan(&mut e);
-    let relay = args.relay_pid.and_then(|p| CpuMeter::start(&p.to_string()));
+    let relay = CpuMeter::of(&args.relay_pid);
     let relay_busy = BusyMeter::start(&args.relay_cpus);
     let (ready, secs) = e.open_clients(plan);
     let relay_cpu = relay.and_then(|m| m.percent());
@@ -1216,7 +1238,7 @@ fn storm_mode(args: Args) {
 /// Holds `--connections` joined idle clients and reports the relay's RSS
 /// growth per connection.
 fn idle_mode(args: Args) {
-    let Some(pid) = args.relay_pid else {
+    let Some(&pid) = args.relay_pid.first() else {
         eprintln!("--mode idle needs --relay-pid");
         std::process::exit(2);
     };
