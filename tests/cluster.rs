@@ -1445,3 +1445,67 @@ fn flushall_starts_a_new_epoch_at_seq_1() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Lost notifications
+
+/// Stops node `b` (SIGSTOP), cuts every subscription in Redis, has node `a`'s
+/// writer sequence `n` operations that `b` therefore never hears of, and lets
+/// `b` go on (SIGCONT): `b` finds its subscription gone, reconnects and must
+/// take the operations from the document's stream. Returns `b`'s receiver.
+fn miss_notifications(redis: &Redis, nodes: &[Node], d: &str, n: usize) -> Session {
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut wa = a.session(d, "wa");
+    let mut rb = b.session(d, "rb");
+    wa.join();
+    rb.join();
+    wa.broadcast("user_joined", WAIT, |v| v["user_id"] == "rb");
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &b.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig} node b");
+    };
+    signal("-STOP");
+    let cut = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    eprintln!("subscriptions cut: {cut:?}");
+    for i in 0..n {
+        wa.ack(&format!("m{i}"), &json!(i));
+    }
+    // Well within the node timeout: b is not taken for dead meanwhile.
+    signal("-CONT");
+    rb
+}
+
+#[test]
+fn a_node_that_missed_notifications_takes_them_from_the_stream() {
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, 2, "", "");
+    let mut rb = miss_notifications(&redis, &nodes, &doc("missed"), 30);
+    let ops = rb.ops(30, PATIENCE);
+    assert_eq!(seqs(&ops), (1..=30).collect::<Vec<_>>(), "every operation once, in order");
+    for (i, op) in ops.iter().enumerate() {
+        assert_eq!(op["payload"], json!(i));
+    }
+    rb.no_more_ops(Duration::from_millis(300));
+    let filled = metric(nodes[1].addr(), "docrelay_cluster_gap_fills_total");
+    assert!(filled >= 30, "node b took the operations from the stream ({filled})");
+    assert_eq!(metric(nodes[1].addr(), "docrelay_cluster_gap_lost_total"), 0);
+}
+
+#[test]
+fn what_the_stream_no_longer_holds_becomes_lagged() {
+    let redis = Redis::start();
+    // The stream keeps 5 operations; the missed 30 are mostly gone.
+    let nodes = start_nodes(&redis, 2, "stream_max_ops = 5", "");
+    let mut rb = miss_notifications(&redis, &nodes, &doc("trimmed"), 30);
+    let lagged = rb.take("lagged", PATIENCE, |m| m.ty() == "lagged");
+    assert_eq!(
+        (lagged.v["missed_from"].as_u64(), lagged.v["missed_to"].as_u64()),
+        (Some(1), Some(25)),
+        "{}",
+        lagged.text
+    );
+    let ops = rb.ops(5, PATIENCE);
+    assert_eq!(seqs(&ops), (26..=30).collect::<Vec<_>>(), "then the operations the stream held, in order");
+    rb.no_more_ops(Duration::from_millis(300));
+    assert_eq!(metric(nodes[1].addr(), "docrelay_cluster_gap_lost_total"), 25);
+}

@@ -47,9 +47,9 @@ const FILL_BATCH: usize = 512;
 /// How long a Redis command may take before the node counts Redis as gone.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a batch whose replies were lost is sent again before its
-/// requests are answered UNAVAILABLE (their outcome unknown). Meanwhile new
-/// requests are refused at once while Redis is away.
-const RETRY_FOR: Duration = Duration::from_secs(60);
+/// requests are answered UNAVAILABLE, their outcome unknown (the message
+/// says so). Meanwhile new requests are refused at once while Redis is away.
+const RETRY_FOR: Duration = Duration::from_secs(5);
 
 /// The running bridge: what the cores need to reach it.
 pub struct Bridge {
@@ -831,8 +831,12 @@ impl Inner {
                     while let Some(msg) = stream.next().await {
                         self.on_message(&msg);
                     }
+                    // Closed (Redis went away, or cut this subscriber: a
+                    // full output buffer, CLIENT KILL). Connecting again
+                    // tells whether Redis is there; what was published
+                    // meanwhile is taken from the streams.
                     *self.sink.borrow_mut() = None;
-                    self.failed("the subscription connection closed");
+                    info!("the subscription connection to Redis closed: connecting again");
                 }
                 None => {
                     tokio::time::sleep(delay).await;
@@ -1016,7 +1020,26 @@ impl Inner {
             }
             _ => return Err(format!("unexpected reply from Redis: {head:?}")),
         };
-        let Some(redis_epoch) = redis_epoch else { return Err(format!("unexpected reply from Redis: {head:?}")) };
+        let Some(mut redis_epoch) = redis_epoch else { return Err(format!("unexpected reply from Redis: {head:?}")) };
+        if redis_epoch == epoch && head_seq < last {
+            // Redis lost operations this node delivered: a new epoch.
+            warn!(
+                document,
+                seq = head_seq,
+                delivered = last,
+                "Redis holds fewer operations than were delivered: new epoch"
+            );
+            let (new, last_text) = (Epoch::random().to_string(), last.to_string());
+            let now: String = eval(
+                scripts::REGRESSED,
+                &[&meta],
+                &[epoch.to_string().as_bytes(), last_text.as_bytes(), new.as_bytes()],
+            )
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+            redis_epoch = parse_epoch(&now).unwrap_or(redis_epoch);
+        }
         if redis_epoch != epoch {
             // A new history: the core starts the document again at 0, and
             // its operations follow from the stream.
@@ -1136,7 +1159,8 @@ impl Inner {
         for ((document, epoch, last), (e, seq)) in followed.into_iter().zip(heads) {
             let Some(d) = docs.get_mut(&document) else { continue };
             let same = e.as_deref().and_then(parse_epoch) == Some(epoch);
-            if !same || seq.unwrap_or(0) > last && d.last == last {
+            // Ahead: a notification was missed; behind: Redis lost some.
+            if !same || seq.unwrap_or(0) != last && d.last == last {
                 d.behind = true;
                 moved = true;
             }

@@ -107,3 +107,18 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, 16)
 "#;
+
+/// A history that went back: Redis holds fewer operations than a node has
+/// delivered (a failover to a replica that had not received the last ones,
+/// or a restart that lost the last writes). The document gets a new epoch
+/// over what Redis still holds, so that every client reloads it instead of
+/// seeing seqs handed out twice. KEYS: meta. ARGV: the epoch seen, the seq
+/// delivered, the new epoch. Returns the document's epoch afterwards.
+pub const REGRESSED: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if e == ARGV[1] and tonumber(redis.call('HGET', KEYS[1], 'seq') or 0) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3])
+  return ARGV[3]
+end
+return e or ''
+"#;
