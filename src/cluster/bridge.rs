@@ -269,6 +269,33 @@ fn eval(script: &str, keys: &[&str], args: &[&[u8]]) -> Cmd {
     c
 }
 
+/// The scripts a batch runs by digest, in the order of [`Batch`].
+const BATCH_SCRIPTS: [&str; 4] = [scripts::APPEND, scripts::SNAPSHOT, scripts::JOIN, scripts::LEAVE];
+
+/// Which of [`BATCH_SCRIPTS`].
+#[derive(Clone, Copy)]
+enum Batch {
+    Append = 0,
+    Snapshot = 1,
+    Join = 2,
+    Leave = 3,
+}
+
+/// An `EVALSHA` of a batch script (its digest computed once).
+fn evalsha(script: Batch, keys: &[&str], args: &[&[u8]]) -> Cmd {
+    static DIGESTS: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
+    let digests = DIGESTS.get_or_init(|| BATCH_SCRIPTS.map(|s| redis::Script::new(s).get_hash().to_string()));
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(&digests[script as usize]).arg(keys.len());
+    for k in keys {
+        c.arg(*k);
+    }
+    for a in args {
+        c.arg(*a);
+    }
+    c
+}
+
 /// What to do with the reply to one command of a pipeline.
 enum Answer {
     None,
@@ -543,10 +570,32 @@ impl Inner {
     /// The pipeline of a batch, and what to do with each reply. `retry`: the
     /// batch was sent before and its replies were lost (cursors are not
     /// sent again).
+    ///
+    /// The scripts go by digest (`EVALSHA`: Redis neither receives nor
+    /// hashes their text per call, a tenth of its time otherwise), after a
+    /// `SCRIPT LOAD` of each at the head of the pipeline: one connection
+    /// runs a pipeline in order, so they are loaded, also right after Redis
+    /// restarted with an empty script cache.
     fn build(&self, sent: &[(Request, String)], retry: bool) -> (redis::Pipeline, Vec<Answer>) {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut answers = Vec::new();
+        let mut used = [false; 4];
+        for (r, _) in sent {
+            match r {
+                Request::Append { .. } => used[Batch::Append as usize] = true,
+                Request::Snapshot { .. } => used[Batch::Snapshot as usize] = true,
+                Request::Join { .. } => used[Batch::Join as usize] = true,
+                Request::Leave { .. } => used[Batch::Leave as usize] = true,
+                _ => {}
+            }
+        }
+        for (i, src) in BATCH_SCRIPTS.into_iter().enumerate() {
+            if used[i] {
+                pipe.cmd("SCRIPT").arg("LOAD").arg(src);
+                answers.push(Answer::None);
+            }
+        }
         for (r, token) in sent {
             match r {
                 Request::Load { .. } | Request::Unfollow { .. } => {}
@@ -556,8 +605,8 @@ impl Inner {
                     let (epoch, origin, maxlen) =
                         (epoch.to_string(), origin.to_string(), self.s.stream_max_ops.to_string());
                     let new = Epoch::random().to_string();
-                    pipe.add_command(eval(
-                        scripts::APPEND,
+                    pipe.add_command(evalsha(
+                        Batch::Append,
                         &[&meta, &ops, &snap, &ch],
                         &[
                             epoch.as_bytes(),
@@ -580,8 +629,8 @@ impl Inner {
                 Request::Snapshot { document, epoch, seq, state, core, session } => {
                     let (meta, snap, ch) = (keys::meta(document), keys::snapshot(document), keys::channel(document));
                     let (epoch, seq_text) = (epoch.to_string(), seq.to_string());
-                    pipe.add_command(eval(
-                        scripts::SNAPSHOT,
+                    pipe.add_command(evalsha(
+                        Batch::Snapshot,
                         &[&meta, &snap, &ch],
                         &[epoch.as_bytes(), seq_text.as_bytes(), state.as_bytes()],
                     ));
@@ -595,8 +644,8 @@ impl Inner {
                 Request::Join { document, participant, announce, reply } => {
                     let json = serde_json::to_string(participant).unwrap_or_default();
                     let conn = participant.connection_id.to_string();
-                    pipe.add_command(eval(
-                        scripts::JOIN,
+                    pipe.add_command(evalsha(
+                        Batch::Join,
                         &[&keys::members(document), &keys::channel(document)],
                         &[
                             conn.as_bytes(),
@@ -618,8 +667,8 @@ impl Inner {
                 }
                 Request::Leave { document, connection_id } => {
                     let conn = connection_id.to_string();
-                    pipe.add_command(eval(
-                        scripts::LEAVE,
+                    pipe.add_command(evalsha(
+                        Batch::Leave,
                         &[&keys::members(document), &keys::channel(document)],
                         &[conn.as_bytes(), self.s.node.as_bytes()],
                     ));
