@@ -131,6 +131,9 @@ segment_bytes = 67108864
 # node see one order, one history and everyone's presence. Not together with
 # storage.dir (the history is Redis's).
 redis_url = ""
+# redis_url names one node of a Redis Cluster (sharded): commands go to the
+# primary of each document's slot (every key of a document shares its slot).
+redis_cluster = false
 # This node's name in Redis (presence, heartbeats). Empty: host name and pid.
 node_id = ""
 # A node that stops without a goodbye is taken for dead this long after its
@@ -407,6 +410,8 @@ pub struct Storage {
 pub struct Cluster {
     /// Empty: a single node.
     pub redis_url: String,
+    /// `redis_url` is a seed node of a Redis Cluster.
+    pub redis_cluster: bool,
     /// Empty: [`Cluster::node_name`] makes one of the host name and pid.
     pub node_id: String,
     pub node_timeout_ms: u64,
@@ -419,6 +424,7 @@ impl Default for Cluster {
     fn default() -> Self {
         Cluster {
             redis_url: String::new(),
+            redis_cluster: false,
             node_id: String::new(),
             node_timeout_ms: 10_000,
             stream_max_ops: None,

@@ -1509,3 +1509,46 @@ fn what_the_stream_no_longer_holds_becomes_lagged() {
     rb.no_more_ops(Duration::from_millis(300));
     assert_eq!(metric(nodes[1].addr(), "docrelay_cluster_gap_lost_total"), 25);
 }
+
+// ---------------------------------------------------------------------------
+// A Redis Cluster
+
+#[test]
+fn a_redis_cluster_of_three_primaries_serves_documents_in_every_slot() {
+    let rc = common::redis::RedisCluster::start(3);
+    let nodes: Vec<Node> = (0..2)
+        .map(|i| {
+            let name = ((b'a' + i as u8) as char).to_string();
+            Node::start_with(&name, &node_config(&rc.url(), i, Some(&name), "redis_cluster = true", ""))
+        })
+        .collect();
+    let docs: Vec<String> = (0..6).map(|i| doc(&format!("slot{i}"))).collect();
+    for d in &docs {
+        let mut ada = nodes[0].session(d, "ada");
+        let mut bob = nodes[1].session(d, "bob");
+        ada.join();
+        let joined = bob.join();
+        assert_eq!(joined["participant_count"], 2, "{joined}");
+        ada.broadcast("user_joined", WAIT, |v| v["user_id"] == "bob");
+        for k in 1..=5u64 {
+            assert_eq!(ada.ack(&format!("a{k}"), &json!(k)), k, "{d}");
+        }
+        assert_eq!(seqs(&bob.ops(5, WAIT)), (1..=5).collect::<Vec<_>>(), "{d}");
+        assert_eq!(bob.ack("b6", &json!(6)), 6, "{d}");
+        assert_eq!(seqs(&ada.ops(1, WAIT)), vec![6], "{d}");
+        bob.send(&json!({"type": "cursor", "payload": {"at": 1}}).to_string());
+        ada.broadcast("cursor", WAIT, |v| v["user_id"] == "bob");
+        // History from Redis on the other node.
+        let mut cy = nodes[1].session(d, "cy");
+        let (_, sync) = cy.join_since(0);
+        let got: Vec<u64> = sync.v["ops"].as_array().unwrap().iter().map(|o| o["seq"].as_u64().unwrap()).collect();
+        assert_eq!(got, (1..=6).collect::<Vec<_>>(), "{d}: {}", sync.text);
+    }
+    // The documents live on more than one primary.
+    let holding = rc
+        .servers
+        .iter()
+        .filter(|r| matches!(r.command(&["DBSIZE"]), common::redis::Resp::Integer(n) if n > 0))
+        .count();
+    assert!(holding >= 2, "the documents' keys are on {holding} of the 3 primaries");
+}

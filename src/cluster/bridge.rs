@@ -51,6 +51,43 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// says so). Meanwhile new requests are refused at once while Redis is away.
 const RETRY_FOR: Duration = Duration::from_secs(5);
 
+/// The connection commands go on: one Redis (redis-rs's `ConnectionManager`,
+/// which reconnects by itself), or a Redis Cluster (its cluster client, which
+/// routes each command to the primary of its slot).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The running bridge: what the cores need to reach it.
 pub struct Bridge {
     /// This node's name in Redis.
@@ -94,6 +131,8 @@ impl Bridge {
 #[derive(Debug, Clone)]
 struct Settings {
     url: String,
+    /// `url` is a seed node of a Redis Cluster.
+    redis_cluster: bool,
     node: String,
     node_timeout: Duration,
     stream_max_ops: usize,
@@ -106,6 +145,7 @@ pub fn start(config: &Config, cores: usize, registry: Arc<Registry>) -> Result<B
     let c = &config.cluster;
     let settings = Settings {
         url: c.redis_url.clone(),
+        redis_cluster: c.redis_cluster,
         node: c.node_name(),
         node_timeout: Duration::from_millis(c.node_timeout_ms),
         stream_max_ops: c.stream_max_ops.unwrap_or(config.documents.history_ops),
@@ -166,7 +206,7 @@ struct Inner {
     /// The number Redis gave this node.
     number: u64,
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     registry: Arc<Registry>,
     events: Vec<flume::Sender<Event>>,
     docs: RefCell<HashMap<Box<str>, Doc>>,
@@ -187,16 +227,30 @@ async fn run(
 ) {
     let setup = async {
         let client = redis::Client::open(s.url.as_str()).map_err(|e| format!("cluster.redis_url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1);
-        let mut conn =
-            tokio::time::timeout(REDIS_TIMEOUT * 2, ConnectionManager::new_with_config(client.clone(), config))
-                .await
-                .map_err(|_| "timed out".to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .map_err(|e| format!("cannot connect to Redis at {}: {e}", s.url))?;
+        let connect = async {
+            if s.redis_cluster {
+                let cluster = redis::cluster::ClusterClient::builder(vec![s.url.as_str()])
+                    .connection_timeout(REDIS_TIMEOUT)
+                    .response_timeout(REDIS_TIMEOUT)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                cluster.get_async_connection().await.map(Conn::Cluster).map_err(|e| e.to_string())
+            } else {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(REDIS_TIMEOUT))
+                    .set_response_timeout(Some(REDIS_TIMEOUT))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(client.clone(), config)
+                    .await
+                    .map(Conn::Single)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let mut conn = tokio::time::timeout(REDIS_TIMEOUT * 2, connect)
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r)
+            .map_err(|e| format!("cannot connect to Redis at {}: {e}", s.url))?;
         let number: u64 = redis::cmd("INCR")
             .arg(keys::NODE_NUMBERS)
             .query_async(&mut conn)
@@ -295,6 +349,10 @@ fn evalsha(script: Batch, keys: &[&str], args: &[&[u8]]) -> Cmd {
     }
     c
 }
+
+/// One command of a batch: the script it runs by digest (loaded at the head
+/// of its pipeline), the command, and what to do with its reply.
+type Item = (Option<Batch>, Cmd, Answer);
 
 /// What to do with the reply to one command of a pipeline.
 enum Answer {
@@ -481,7 +539,7 @@ impl Inner {
                 // Redis did not answer the last heartbeat: refuse at once
                 // rather than queue behind a timeout; the ticker notices
                 // when it is back.
-                let (_, answers) = self.build(&sent, false);
+                let answers = self.build(&sent, false).into_iter().flat_map(|(_, a)| a).collect();
                 self.answer_all(answers, "Redis is unreachable").await;
                 continue;
             }
@@ -489,7 +547,7 @@ impl Inner {
                 if refused {
                     // Redis refused the connection: nothing was sent.
                     self.failed(&e);
-                    let (_, answers) = self.build(&sent, false);
+                    let answers = self.build(&sent, false).into_iter().flat_map(|(_, a)| a).collect();
                     self.answer_all(answers, &e).await;
                     continue;
                 }
@@ -507,30 +565,57 @@ impl Inner {
     /// Sends a batch and answers its requests; `Err`: no reply came (the
     /// requests are not answered), and whether the connection was refused
     /// (then nothing was sent).
-    async fn send_batch(
-        &self,
-        conn: &mut ConnectionManager,
-        sent: &[(Request, String)],
-        retry: bool,
-    ) -> Result<(), (String, bool)> {
-        let (pipe, answers) = self.build(sent, retry);
-        let values = match pipe.query_async::<Vec<Value>>(conn).await {
-            // Sent again, a request that Redis refused now (still loading
-            // its data after a restart, say) may have run the first time:
-            // the whole batch goes again.
-            Ok(values) if retry && values.iter().any(|v| matches!(v, Value::ServerError(_))) => {
-                let first = values.iter().find_map(|v| match v {
-                    Value::ServerError(e) => Some(e.to_string()),
-                    _ => None,
-                });
-                return Err((first.unwrap_or_default(), false));
+    async fn send_batch(&self, conn: &mut Conn, sent: &[(Request, String)], retry: bool) -> Result<(), (String, bool)> {
+        let groups = self.build(sent, retry);
+        // The pipelines of a Redis Cluster's slots go out together.
+        let mut results = Vec::with_capacity(groups.len());
+        if groups.len() == 1 {
+            let (pipe, answers) = groups.into_iter().next().expect("one");
+            results.push((pipe.query_async::<Vec<Value>>(conn).await, answers));
+        } else {
+            let handles: Vec<_> = groups
+                .into_iter()
+                .map(|(pipe, answers)| {
+                    let mut conn = conn.clone();
+                    tokio::task::spawn_local(async move { (pipe.query_async::<Vec<Value>>(&mut conn).await, answers) })
+                })
+                .collect();
+            for h in handles {
+                match h.await {
+                    Ok(r) => results.push(r),
+                    Err(e) => return Err((format!("a pipeline task ended: {e}"), false)),
+                }
             }
-            Ok(values) => values,
-            Err(e) => return Err((e.to_string(), e.is_connection_refusal())),
-        };
+        }
+        for (r, _) in &results {
+            match r {
+                // Sent again, a request that Redis refused now (still
+                // loading its data after a restart, say) may have run the
+                // first time: the whole batch goes again.
+                Ok(values) if retry && values.iter().any(|v| matches!(v, Value::ServerError(_))) => {
+                    let first = values.iter().find_map(|v| match v {
+                        Value::ServerError(e) => Some(e.to_string()),
+                        _ => None,
+                    });
+                    return Err((first.unwrap_or_default(), false));
+                }
+                Ok(_) => {}
+                // Any group without a reply: the batch goes again as a whole
+                // (what did run is found by its token or is idempotent), or,
+                // refused by every connection, is refused.
+                Err(e) => {
+                    let refused =
+                        results.iter().all(|(r, _)| r.as_ref().err().is_some_and(|e| e.is_connection_refusal()));
+                    return Err((e.to_string(), refused));
+                }
+            }
+        }
         self.ok();
-        for (a, v) in answers.into_iter().zip(values) {
-            self.answer(a, Ok(v)).await;
+        for (r, answers) in results {
+            let values = r.unwrap_or_default();
+            for (a, v) in answers.into_iter().zip(values) {
+                self.answer(a, Ok(v)).await;
+            }
         }
         Ok(())
     }
@@ -542,7 +627,7 @@ impl Inner {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if since.elapsed() >= RETRY_FOR {
-                let (_, answers) = self.build(&sent, true);
+                let answers = self.build(&sent, true).into_iter().flat_map(|(_, a)| a).collect();
                 let why = "Redis went away while the request was sent, and did not come back in time; it may have been applied";
                 self.answer_all(answers, why).await;
                 return;
@@ -576,26 +661,24 @@ impl Inner {
     /// `SCRIPT LOAD` of each at the head of the pipeline: one connection
     /// runs a pipeline in order, so they are loaded, also right after Redis
     /// restarted with an empty script cache.
-    fn build(&self, sent: &[(Request, String)], retry: bool) -> (redis::Pipeline, Vec<Answer>) {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut answers = Vec::new();
-        let mut used = [false; 4];
-        for (r, _) in sent {
-            match r {
-                Request::Append { .. } => used[Batch::Append as usize] = true,
-                Request::Snapshot { .. } => used[Batch::Snapshot as usize] = true,
-                Request::Join { .. } => used[Batch::Join as usize] = true,
-                Request::Leave { .. } => used[Batch::Leave as usize] = true,
-                _ => {}
-            }
-        }
-        for (i, src) in BATCH_SCRIPTS.into_iter().enumerate() {
-            if used[i] {
-                pipe.cmd("SCRIPT").arg("LOAD").arg(src);
-                answers.push(Answer::None);
-            }
-        }
+    fn build(&self, sent: &[(Request, String)], retry: bool) -> Vec<(redis::Pipeline, Vec<Answer>)> {
+        // One pipeline, or in a Redis Cluster one per slot: per document
+        // (its keys share a hash tag), and one for this node's own set. The
+        // order within each is the order of the batch.
+        let mut groups: Vec<(Option<Box<str>>, Vec<Item>)> = Vec::new();
+        let cluster = self.s.redis_cluster;
+        let mut push = |key: Option<&str>, script: Option<Batch>, cmd: Cmd, answer: Answer| {
+            let key = if cluster { key } else { None };
+            let at = match groups.iter().position(|(k, _)| k.as_deref() == key) {
+                Some(at) => at,
+                None => {
+                    groups.push((key.map(Into::into), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[at].1.push((script, cmd, answer));
+        };
+        const NODE: Option<&str> = Some("");
         for (r, token) in sent {
             match r {
                 Request::Load { .. } | Request::Unfollow { .. } => {}
@@ -605,7 +688,7 @@ impl Inner {
                     let (epoch, origin, maxlen) =
                         (epoch.to_string(), origin.to_string(), self.s.stream_max_ops.to_string());
                     let new = Epoch::random().to_string();
-                    pipe.add_command(evalsha(
+                    let cmd = evalsha(
                         Batch::Append,
                         &[&meta, &ops, &snap, &ch],
                         &[
@@ -618,33 +701,31 @@ impl Inner {
                             token.as_bytes(),
                             if retry { b"1" } else { b"0" },
                         ],
-                    ));
-                    answers.push(Answer::Append {
+                    );
+                    let answer = Answer::Append {
                         core: *core,
                         session: *session,
                         client_op_id: client_op_id.clone(),
                         document: document.clone(),
-                    });
+                    };
+                    push(Some(document), Some(Batch::Append), cmd, answer);
                 }
                 Request::Snapshot { document, epoch, seq, state, core, session } => {
                     let (meta, snap, ch) = (keys::meta(document), keys::snapshot(document), keys::channel(document));
                     let (epoch, seq_text) = (epoch.to_string(), seq.to_string());
-                    pipe.add_command(evalsha(
+                    let cmd = evalsha(
                         Batch::Snapshot,
                         &[&meta, &snap, &ch],
                         &[epoch.as_bytes(), seq_text.as_bytes(), state.as_bytes()],
-                    ));
-                    answers.push(Answer::Snapshot {
-                        core: *core,
-                        session: *session,
-                        seq: *seq,
-                        document: document.clone(),
-                    });
+                    );
+                    let answer =
+                        Answer::Snapshot { core: *core, session: *session, seq: *seq, document: document.clone() };
+                    push(Some(document), Some(Batch::Snapshot), cmd, answer);
                 }
                 Request::Join { document, participant, announce, reply } => {
                     let json = serde_json::to_string(participant).unwrap_or_default();
                     let conn = participant.connection_id.to_string();
-                    pipe.add_command(evalsha(
+                    let cmd = evalsha(
                         Batch::Join,
                         &[&keys::members(document), &keys::channel(document)],
                         &[
@@ -653,28 +734,31 @@ impl Inner {
                             json.as_bytes(),
                             if *announce { b"1" } else { b"0" },
                         ],
-                    ));
-                    pipe.cmd("SADD").arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
-                    answers.push(match reply {
+                    );
+                    let answer = match reply {
                         Some(reply) => Answer::Join {
                             document: document.clone(),
                             participant: participant.clone(),
                             reply: reply.clone(),
                         },
                         None => Answer::None,
-                    });
-                    answers.push(Answer::None);
+                    };
+                    push(Some(document), Some(Batch::Join), cmd, answer);
+                    let mut sadd = redis::cmd("SADD");
+                    sadd.arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
+                    push(NODE, None, sadd, Answer::None);
                 }
                 Request::Leave { document, connection_id } => {
                     let conn = connection_id.to_string();
-                    pipe.add_command(evalsha(
+                    let cmd = evalsha(
                         Batch::Leave,
                         &[&keys::members(document), &keys::channel(document)],
                         &[conn.as_bytes(), self.s.node.as_bytes()],
-                    ));
-                    pipe.cmd("SREM").arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
-                    answers.push(Answer::None);
-                    answers.push(Answer::None);
+                    );
+                    push(Some(document), Some(Batch::Leave), cmd, Answer::None);
+                    let mut srem = redis::cmd("SREM");
+                    srem.arg(keys::node_sessions(&self.s.node)).arg(format!("{conn} {document}"));
+                    push(NODE, None, srem, Answer::None);
                 }
                 Request::Cursor { document, connection_id, frame } => {
                     if retry {
@@ -682,12 +766,37 @@ impl Inner {
                     }
                     let mut message = format!("c {} {connection_id} ", self.s.node).into_bytes();
                     message.extend_from_slice(frame);
-                    pipe.cmd("PUBLISH").arg(keys::channel(document)).arg(message);
-                    answers.push(Answer::None);
+                    let mut publish = redis::cmd("PUBLISH");
+                    publish.arg(keys::channel(document)).arg(message);
+                    push(Some(document), None, publish, Answer::None);
                 }
             }
         }
-        (pipe, answers)
+        groups
+            .into_iter()
+            .map(|(_, items)| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                let mut answers = Vec::with_capacity(items.len() + 4);
+                let mut used = [false; 4];
+                for (script, _, _) in &items {
+                    if let Some(b) = script {
+                        used[*b as usize] = true;
+                    }
+                }
+                for (i, src) in BATCH_SCRIPTS.into_iter().enumerate() {
+                    if used[i] {
+                        pipe.cmd("SCRIPT").arg("LOAD").arg(src);
+                        answers.push(Answer::None);
+                    }
+                }
+                for (_, cmd, answer) in items {
+                    pipe.add_command(cmd);
+                    answers.push(answer);
+                }
+                (pipe, answers)
+            })
+            .collect()
     }
 
     async fn answer_all(&self, answers: Vec<Answer>, why: &str) {
@@ -1187,7 +1296,7 @@ impl Inner {
         }
     }
 
-    async fn check_heads(&self, conn: &mut ConnectionManager) -> Result<(), String> {
+    async fn check_heads(&self, conn: &mut Conn) -> Result<(), String> {
         let followed: Vec<(Box<str>, Epoch, u64)> = self
             .docs
             .borrow()
@@ -1198,11 +1307,20 @@ impl Inner {
         if followed.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for (d, _, _) in &followed {
-            pipe.cmd("HMGET").arg(keys::meta(d)).arg("epoch").arg("seq");
-        }
-        let heads: Vec<(Option<String>, Option<u64>)> = pipe.query_async(conn).await.map_err(|e| e.to_string())?;
+        let cmds = followed
+            .iter()
+            .map(|(d, _, _)| {
+                let mut c = redis::cmd("HMGET");
+                c.arg(keys::meta(d)).arg("epoch").arg("seq");
+                c
+            })
+            .collect();
+        let heads: Vec<(Option<String>, Option<u64>)> = self
+            .query_each(conn, cmds)
+            .await?
+            .into_iter()
+            .map(|v| redis::from_redis_value(v).unwrap_or((None, None)))
+            .collect();
         let mut moved = false;
         let mut docs = self.docs.borrow_mut();
         for ((document, epoch, last), (e, seq)) in followed.into_iter().zip(heads) {
@@ -1220,7 +1338,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn reap(&self, conn: &mut ConnectionManager, dead_after: Duration) -> Result<(), String> {
+    async fn reap(&self, conn: &mut Conn, dead_after: Duration) -> Result<(), String> {
         let ms = dead_after.as_millis().to_string();
         let dead: Vec<String> = eval(scripts::DEAD_NODES, &[keys::NODES], &[ms.as_bytes()])
             .query_async(conn)
@@ -1235,22 +1353,52 @@ impl Inner {
 
     /// Unlists every session of `node` (publishing their `user_left`) and
     /// takes the node out; returns how many sessions it had.
-    async fn reap_node(&self, conn: &mut ConnectionManager, node: &str) -> Result<usize, String> {
+    async fn reap_node(&self, conn: &mut Conn, node: &str) -> Result<usize, String> {
         let sessions: Vec<String> =
             redis::cmd("SMEMBERS").arg(keys::node_sessions(node)).query_async(conn).await.map_err(|e| e.to_string())?;
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for s in &sessions {
-            let Some((conn_id, document)) = s.split_once(' ') else { continue };
-            pipe.add_command(eval(
-                scripts::LEAVE,
-                &[&keys::members(document), &keys::channel(document)],
-                &[conn_id.as_bytes(), node.as_bytes()],
-            ));
-        }
-        pipe.cmd("DEL").arg(keys::node_sessions(node));
-        pipe.cmd("ZREM").arg(keys::NODES).arg(node);
-        let _: Vec<Value> = pipe.query_async(conn).await.map_err(|e| e.to_string())?;
+        let mut cmds: Vec<Cmd> = sessions
+            .iter()
+            .filter_map(|s| s.split_once(' '))
+            .map(|(conn_id, document)| {
+                eval(
+                    scripts::LEAVE,
+                    &[&keys::members(document), &keys::channel(document)],
+                    &[conn_id.as_bytes(), node.as_bytes()],
+                )
+            })
+            .collect();
+        let mut del = redis::cmd("DEL");
+        del.arg(keys::node_sessions(node));
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(keys::NODES).arg(node);
+        cmds.extend([del, zrem]);
+        self.query_each(conn, cmds).await?;
         Ok(sessions.len())
+    }
+
+    /// Runs commands that may touch different slots: one pipeline on one
+    /// Redis; each on its own (together) in a Redis Cluster. A command's own
+    /// error is its value (`Value::ServerError`).
+    async fn query_each(&self, conn: &mut Conn, cmds: Vec<Cmd>) -> Result<Vec<Value>, String> {
+        if !self.s.redis_cluster {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for c in cmds {
+                pipe.add_command(c);
+            }
+            return pipe.query_async(conn).await.map_err(|e| e.to_string());
+        }
+        let handles: Vec<_> = cmds
+            .into_iter()
+            .map(|c| {
+                let mut conn = conn.clone();
+                tokio::task::spawn_local(async move { c.query_async::<Value>(&mut conn).await })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+        }
+        Ok(out)
     }
 }

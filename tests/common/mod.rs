@@ -87,7 +87,12 @@ pub fn relay_with(config: Config, options: RelayOptions) -> Relay {
 /// Opens a WebSocket session on `/ws/documents/{doc}` (with an optional query).
 pub fn connect(addr: SocketAddr, path_and_query: &str) -> Client {
     let url = format!("ws://{addr}{path_and_query}");
-    let (ws, resp) = tungstenite::connect(url).expect("websocket connects");
+    // The handshake too is bounded: a relay that never answers the upgrade
+    // fails the test instead of hanging it.
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("tcp connects");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (ws, resp) = tungstenite::client(url, MaybeTlsStream::Plain(stream)).expect("websocket connects");
     assert_eq!(resp.status(), 101);
     set_timeout(&ws, Duration::from_secs(10));
     ws

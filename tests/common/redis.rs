@@ -132,6 +132,70 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A free port whose cluster bus port (+10000) is free as well, taken below
+/// the ephemeral range (32768 and up), where connections do not land.
+fn free_cluster_port() -> u16 {
+    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+        ^ std::process::id().rotate_left(16);
+    loop {
+        // xorshift: a different port each try, and per process.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let port = 20_000 + (x % 12_000) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+            && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// A Redis Cluster of primaries only, each a `redis-server` with
+/// `--cluster-enabled yes` in its own temporary directory, joined with
+/// `redis-cli --cluster create`; every slot is served once it returns.
+pub struct RedisCluster {
+    pub servers: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize) -> RedisCluster {
+        let args =
+            ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"];
+        let servers: Vec<Redis> = (0..primaries).map(|_| Redis::start_with(&args)).collect();
+        let addrs: Vec<String> = servers.iter().map(|r| format!("127.0.0.1:{}", r.port())).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian's redis-tools, installed with redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + PATIENCE;
+        for r in &servers {
+            loop {
+                let info = r.command(&["CLUSTER", "INFO"]).text().unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster did not come up: {info}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { servers }
+    }
+
+    /// A seed node's URL, for `cluster.redis_url` with `redis_cluster = true`.
+    pub fn url(&self) -> String {
+        self.servers[0].url()
+    }
+}
+
 /// What became of one attempt to start the server.
 enum Started {
     Up(Child),
@@ -145,18 +209,28 @@ pub struct Redis {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// Arguments beside the usual ones (cluster mode).
+    extra: Vec<String>,
 }
 
 impl Redis {
     /// Starts a server on a free port in a new temporary directory and
     /// waits until it answers PING with `+PONG`.
     pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// [`Redis::start`] with more arguments. With `--cluster-enabled`, the
+    /// port is one whose cluster bus port (port + 10000) is free too.
+    pub fn start_with(extra: &[&str]) -> Redis {
         let dir = TempDir::new("redis");
         let deadline = Instant::now() + PATIENCE;
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let cluster = extra.iter().any(|a| a == "--cluster-enabled");
         loop {
-            let port = free_port();
-            match spawn_server(dir.path(), port, deadline) {
-                Started::Up(child) => return Redis { dir, port, child: Some(child) },
+            let port = if cluster { free_cluster_port() } else { free_port() };
+            match spawn_server(dir.path(), port, &extra, deadline) {
+                Started::Up(child) => return Redis { dir, port, child: Some(child), extra },
                 Started::PortInUse(log) => {
                     assert!(Instant::now() < deadline, "redis-server found no free port; its log:\n{log}")
                 }
@@ -236,7 +310,7 @@ impl Redis {
         assert!(self.child.is_none(), "start_again: redis-server is still running");
         let deadline = Instant::now() + PATIENCE;
         loop {
-            match spawn_server(self.dir.path(), self.port, deadline) {
+            match spawn_server(self.dir.path(), self.port, &self.extra, deadline) {
                 Started::Up(child) => {
                     self.child = Some(child);
                     return;
@@ -275,7 +349,7 @@ fn read_log(dir: &Path) -> String {
 /// One start: spawns the server on `port` with its data in `dir` and waits
 /// until it answers PING, or reports that the port was in use. Panics on any
 /// other failure.
-fn spawn_server(dir: &Path, port: u16, deadline: Instant) -> Started {
+fn spawn_server(dir: &Path, port: u16, extra: &[String], deadline: Instant) -> Started {
     let log_before = read_log(dir).len();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let port = port.to_string();
@@ -285,6 +359,7 @@ fn spawn_server(dir: &Path, port: u16, deadline: Instant) -> Started {
     cmd.args(["--port", &port, "--bind", "127.0.0.1", "--dir", &dir_s])
         .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
         .args(["--daemonize", "no", "--logfile", &log_file])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
