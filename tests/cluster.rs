@@ -1148,6 +1148,14 @@ fn while_redis_is_down_operations_are_unavailable_and_acked_again_once_it_is_bac
         let body = n.healthz_becomes(503, Duration::from_secs(5));
         eprintln!("node {}: /healthz while Redis is down: 503 {body:?}", n.name);
         assert!(body.to_lowercase().contains("redis"), "node {}: the 503 body says why (Redis): {body:?}", n.name);
+        assert_eq!(metric(n.addr(), "docrelay_cluster_redis_up"), 0, "node {}", n.name);
+        assert!(metric(n.addr(), "docrelay_cluster_unavailable_total") >= 1, "node {}", n.name);
+    }
+    // What a node holds is still served: the history, from either node.
+    for r in [&mut ra, &mut rb] {
+        let sync = r.sync(0);
+        let got: Vec<u64> = sync.v["ops"].as_array().map_or(Vec::new(), |o| o.iter().filter_map(|o| o["seq"].as_u64()).collect());
+        assert_eq!(got, (1..=6).collect::<Vec<_>>(), "{}: sync_request while Redis is down: {}", r.name, sync.text);
     }
 
     redis.start_again();
