@@ -10,6 +10,9 @@ pub const GOING_AWAY: u16 = 1001;
 pub const PROTOCOL: u16 = 1002;
 /// Invalid UTF-8 in a Text message or a Close reason.
 pub const INVALID_DATA: u16 = 1007;
+/// A message of a type the endpoint does not take (a Text frame on a Yjs
+/// room, whose protocol is binary).
+pub const UNSUPPORTED: u16 = 1003;
 /// Policy: a rate limit exceeded beyond its grace, or a send queue overflow.
 pub const POLICY: u16 = 1008;
 /// A message larger than `limits.max_message_bytes`.

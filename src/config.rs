@@ -686,6 +686,7 @@ impl Config {
         if !echo.is_empty()
             && (!echo.starts_with('/')
                 || echo.starts_with("/ws/documents")
+                || echo.starts_with("/yjs/")
                 || ["/healthz", "/metrics", "/docrelay.js", "/demo"].contains(&echo.as_str()))
         {
             return invalid("testing.echo_path must start with '/' and not shadow another route");

@@ -16,6 +16,9 @@ pub fn header_slots_for(max_head: usize) -> usize {
 /// The route of the documents endpoint.
 pub const DOCUMENTS_PREFIX: &str = "/ws/documents/";
 
+/// The route of Yjs rooms (the y-websocket protocol, `docs/yjs.md`).
+pub const YJS_PREFIX: &str = "/yjs/";
+
 /// A file served over plain HTTP when `[http] demo` is on (its bytes and
 /// headers are in `assets`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +201,8 @@ pub enum Route<'b> {
     Document { id: &'b str, accept: String },
     /// A valid WebSocket upgrade to the echo route (`[testing] echo_path`).
     Echo { accept: String },
+    /// A valid WebSocket upgrade to a Yjs room (`/yjs/{document}`).
+    Yjs { id: &'b str, accept: String },
     /// `/healthz`; `head`: answer without the body (HEAD).
     Health { head: bool },
     /// `/metrics`; `head`: answer without the body (HEAD).
@@ -241,6 +246,7 @@ pub fn route<'b>(head: &Head<'b, '_>, endpoints: &Endpoints<'_>) -> Result<Route
     check_no_body(head)?;
     enum Target<'b> {
         Document(&'b str),
+        Yjs(&'b str),
         Echo,
         Health,
         Metrics,
@@ -248,6 +254,8 @@ pub fn route<'b>(head: &Head<'b, '_>, endpoints: &Endpoints<'_>) -> Result<Route
     }
     let target = if let Some(id) = head.path.strip_prefix(DOCUMENTS_PREFIX).filter(|_| endpoints.websocket) {
         Target::Document(id)
+    } else if let Some(id) = head.path.strip_prefix(YJS_PREFIX).filter(|_| endpoints.websocket) {
+        Target::Yjs(id)
     } else if head.path == "/healthz" {
         Target::Health
     } else if head.path == "/metrics" && endpoints.metrics {
@@ -274,6 +282,12 @@ pub fn route<'b>(head: &Head<'b, '_>, endpoints: &Endpoints<'_>) -> Result<Route
                 return Err(HttpError::BadRequest("document id must be 1 to 128 of [A-Za-z0-9._~:-]"));
             }
             Ok(Route::Document { id, accept: check_upgrade(head)? })
+        }
+        Target::Yjs(id) => {
+            if !valid_document_id(id) {
+                return Err(HttpError::BadRequest("document id must be 1 to 128 of [A-Za-z0-9._~:-]"));
+            }
+            Ok(Route::Yjs { id, accept: check_upgrade(head)? })
         }
     }
 }
@@ -376,6 +390,28 @@ pub fn parse_color(raw: &str) -> Option<String> {
     (hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("#{}", hex.to_ascii_lowercase()))
 }
 
+/// A query parameter's value with its `%XX` escapes and `+` decoded (for a
+/// token: a JWT has none, but a URL builder may escape any character).
+/// Invalid escapes are kept as written.
+pub fn percent_decode(raw: &str) -> String {
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(v) = hex {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `/healthz`.
 pub fn health() -> Vec<u8> {
     response("200 OK", "", "ok")
@@ -430,6 +466,10 @@ mod tests {
             Route::Asset { asset: Asset::Client, head: true }
         );
         assert_eq!(route_of("GET /demo/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HttpError::NotFound);
+        let raw = format!("GET /yjs/room-1?token=t HTTP/1.1\r\n{UPGRADE}");
+        assert_eq!(route_of(&raw).unwrap(), Route::Yjs { id: "room-1", accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into() });
+        assert!(matches!(route_of(&format!("GET /yjs/a%20b HTTP/1.1\r\n{UPGRADE}")), Err(HttpError::BadRequest(_))));
+        assert!(matches!(route_of("GET /yjs/room HTTP/1.1\r\nHost: x\r\n\r\n"), Err(HttpError::UpgradeRequired(_))));
         assert_eq!(
             route_of("POST /demo HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(),
             HttpError::MethodNotAllowed { allow: "GET, HEAD" }
@@ -559,6 +599,12 @@ mod tests {
         let cut = head_only(full.clone());
         assert!(full.starts_with(&cut));
         assert!(cut.ends_with(b"Content-Length: 2\r\nConnection: close\r\n\r\n"));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Eb+c%zz%4"), "a.b c%zz%4");
+        assert_eq!(percent_decode("eyJ.x_y-z"), "eyJ.x_y-z");
     }
 
     #[test]

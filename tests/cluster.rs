@@ -1154,7 +1154,8 @@ fn while_redis_is_down_operations_are_unavailable_and_acked_again_once_it_is_bac
     // What a node holds is still served: the history, from either node.
     for r in [&mut ra, &mut rb] {
         let sync = r.sync(0);
-        let got: Vec<u64> = sync.v["ops"].as_array().map_or(Vec::new(), |o| o.iter().filter_map(|o| o["seq"].as_u64()).collect());
+        let got: Vec<u64> =
+            sync.v["ops"].as_array().map_or(Vec::new(), |o| o.iter().filter_map(|o| o["seq"].as_u64()).collect());
         assert_eq!(got, (1..=6).collect::<Vec<_>>(), "{}: sync_request while Redis is down: {}", r.name, sync.text);
     }
 

@@ -624,6 +624,7 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
         }
         Route::Document { id, accept } => (id, accept, Mode::Document),
         Route::Echo { accept } => (head.path, accept, Mode::Echo),
+        Route::Yjs { id, accept } => (id, accept, Mode::Yjs),
     };
     // Everything the connection needs beyond its socket is taken before the
     // 101, so that a relay without room says so (503) while the connection
@@ -634,7 +635,7 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
     let index = core.shard.index;
     let owner = match mode {
         Mode::Echo => index,
-        Mode::Document => owner_core(document, core.peers.len()),
+        Mode::Document | Mode::Yjs => owner_core(document, core.peers.len()),
     };
     let handoff_fd = if owner == index {
         None
@@ -673,12 +674,44 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
     let request =
         ValidationRequest { headers: head.headers, path: head.path, query: head.query, peer, document_id: document };
     let pending = buf[head.len..].to_vec();
+    let mut identity = None;
     let outcome = match mode {
         Mode::Echo => Ok(()),
         Mode::Document => validate_connection(&core, &request, &registration).await,
+        // A Yjs room's client authenticates with its `token` query parameter,
+        // here, before the session is CONNECTED.
+        Mode::Yjs => match validate_connection(&core, &request, &registration).await {
+            Ok(()) => {
+                let token = http::query_param(head.query, "token").map(http::percent_decode).unwrap_or_default();
+                match core.shard.auth.authenticate(&token, document) {
+                    Ok(who) => {
+                        identity = Some(who);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        registry.count_auth_failure();
+                        debug!(id, code = e.code(), detail = %e.detail(), "yjs: authentication failed");
+                        let reason = match e {
+                            crate::auth::AuthError::Failed { .. } => "authentication failed",
+                            crate::auth::AuthError::Forbidden(_) => "forbidden",
+                        };
+                        Err((e.close_code(), reason.to_string(), Rejection::Validation))
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        },
     };
-    let info =
-        ConnInfo { id, key, peer, document: document.into(), mode, color, ip_counted: registration.ip_counted.get() };
+    let info = ConnInfo {
+        id,
+        key,
+        peer,
+        document: document.into(),
+        mode,
+        color,
+        ip_counted: registration.ip_counted.get(),
+        identity,
+    };
     drop(buf);
     if let Err((code, reason, why)) = outcome {
         registry.count_rejection(why);

@@ -37,6 +37,7 @@ mod reader;
 pub mod shard;
 pub mod state;
 mod writer;
+mod yjs;
 
 use outbox::Outbox;
 pub use shard::Shard;
@@ -49,6 +50,8 @@ pub enum Mode {
     Document,
     /// `[testing] echo_path`: every message echoed back (conformance tests).
     Echo,
+    /// `/yjs/{id}`: the y-websocket protocol on a Yjs room (`docs/yjs.md`).
+    Yjs,
 }
 
 /// Facts about a connection fixed at the upgrade.
@@ -63,6 +66,10 @@ pub struct ConnInfo {
     pub color: Option<String>,
     /// Whether this connection counts against `max_connections_per_ip`.
     pub ip_counted: bool,
+    /// A Yjs room's connection: who its `token` query parameter named,
+    /// checked while VALIDATING (the y-websocket provider has no
+    /// authenticate message).
+    pub identity: Option<crate::auth::Identity>,
 }
 
 /// A joined session's place in its document's rings. A session is joined
@@ -312,7 +319,10 @@ impl Drop for Disconnect<'_> {
         let session = self.session;
         session.reading_done.set(true);
         // A joined session leaves its document (user_left to the others).
-        handlers::leave(self.shard, session);
+        match session.info.mode {
+            Mode::Yjs => yjs::leave(self.shard, session),
+            _ => handlers::leave(self.shard, session),
+        }
         session.transition(Phase::Disconnected);
         self.shard.end_session(session);
         debug!("disconnected");
@@ -335,6 +345,8 @@ pub(crate) async fn run(shard: Rc<Shard>, session: Rc<Session>, pending: Vec<u8>
         );
         if shard.is_shutting_down() {
             session.begin_close(&shard, close::GOING_AWAY, "relay shutting down");
+        } else if session.info.mode == Mode::Yjs {
+            yjs::start(&shard, &session);
         }
         session.read_loop(&shard, pending).await;
         session.reading_done.set(true);

@@ -38,6 +38,11 @@ impl Session {
                             self.held.borrow_mut().push_back(Held::Text(text.into()))
                         }
                         Mode::Document => handlers::handle_text(shard, self, text),
+                        Mode::Yjs => {
+                            self.begin_close(shard, crate::close::UNSUPPORTED, "y-websocket messages are binary");
+                            stop = true;
+                            return Flow::Stop;
+                        }
                     }
                 }
                 Event::Binary(data) => {
@@ -50,6 +55,7 @@ impl Session {
                             self.held.borrow_mut().push_back(Held::Binary(data.into()))
                         }
                         Mode::Document => handlers::handle_binary(shard, self, data),
+                        Mode::Yjs => super::yjs::handle(shard, self, data),
                     }
                 }
                 Event::Ping(payload) => {

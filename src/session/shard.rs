@@ -115,6 +115,8 @@ pub struct Shard {
     pub(crate) loading: RefCell<HashMap<Box<str>, Vec<JoinWaiter>>>,
     /// Cluster mode: this core's side of the Redis bridge.
     pub(crate) cluster: Option<ClusterCore>,
+    /// Yjs rooms (`/yjs/{document}`) of this core.
+    pub(crate) rooms: RefCell<HashMap<Box<str>, Rc<super::yjs::Room>>>,
     me: Weak<Shard>,
 }
 
@@ -133,6 +135,7 @@ impl Shard {
             commit_waker: Cell::new(None),
             loading: RefCell::new(HashMap::new()),
             cluster: setup.cluster,
+            rooms: RefCell::new(HashMap::new()),
             me: me.clone(),
             index: setup.index,
             config: setup.config,
@@ -350,6 +353,10 @@ impl Shard {
         }
         let unloaded = before - self.documents.borrow().len();
         self.stats().documents.sub(unloaded as u64);
+        // Yjs rooms live in memory: one without clients for as long is freed.
+        self.rooms.borrow_mut().retain(|_, room| {
+            room.hub.subscriber_count() > 0 || room.hub.empty_since.get().is_none_or(|t| now - t < after)
+        });
     }
 
     /// Spawns a per-connection task that shutdown can cancel.
@@ -449,7 +456,10 @@ impl Shard {
             close_timeout.min(idle).min(ping).div_f32(4.0).clamp(Duration::from_millis(5), Duration::from_millis(250));
         loop {
             poll_fn(|cx| {
-                if self.sessions.borrow().is_empty() && self.documents.borrow().is_empty() {
+                if self.sessions.borrow().is_empty()
+                    && self.documents.borrow().is_empty()
+                    && self.rooms.borrow().is_empty()
+                {
                     self.ticker_waker.set(Some(cx.waker().clone()));
                     Poll::Pending
                 } else {

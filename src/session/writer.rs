@@ -125,8 +125,16 @@ impl Session {
         let mut out = self.out.borrow_mut();
         let mut lagged = 0;
         // Operations: a gap becomes a `lagged` notice at that point.
+        // A Yjs client is sent the whole document instead (it merges it).
+        let yjs = self.info.mode == super::Mode::Yjs;
         let mut delivered = take_from(&sub.hub.ops, &mut sub.ops_cursor, me, &mut out, |out, from, to| {
-            out.push(encode::lagged(from, to));
+            if yjs {
+                if let Some(f) = super::yjs::resync_frame(shard, self) {
+                    out.push(f);
+                }
+            } else {
+                out.push(encode::lagged(from, to));
+            }
             lagged += 1;
         });
         // Presence: overtaken updates are dropped.

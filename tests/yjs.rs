@@ -1,0 +1,176 @@
+//! Yjs rooms on `/yjs/{document}` (`docs/yjs.md`), through raw WebSocket
+//! frames and a `yrs` document on the client side: the y-websocket protocol
+//! as the relay speaks it, authentication while VALIDATING, malformed input.
+//! (`clients/js/browser/yjs.test.js` runs the real `y-websocket` provider.)
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use docrelay::config::AuthMode;
+use jsonwebtoken::{encode, EncodingKey, Header};
+use serde_json::json;
+use tungstenite::Message as Ws;
+use yrs::sync::protocol::MessageReader;
+use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::{Decode, DecoderV1};
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, GetString, ReadTxn, StateVector, Text, Transact, Update};
+
+const SECRET: &str = "a-test-secret-of-at-least-32-bytes!";
+
+/// The y-protocol messages of the next binary frame (pings skipped).
+fn messages(ws: &mut Client) -> Vec<Message> {
+    loop {
+        match ws.read().expect("a frame") {
+            Ws::Binary(b) => {
+                let mut d = DecoderV1::from(&b[..]);
+                return MessageReader::new(&mut d).map(|m| m.expect("a y-protocol message")).collect();
+            }
+            Ws::Ping(_) | Ws::Pong(_) => continue,
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+    }
+}
+
+fn send(ws: &mut Client, m: &Message) {
+    ws.send(Ws::binary(m.encode_v1())).unwrap();
+}
+
+/// A client with its own `yrs` document: connects, gets the relay's step 1,
+/// answers it with what the relay lacks and asks for what it lacks.
+struct Peer {
+    ws: Client,
+    doc: Doc,
+}
+
+impl Peer {
+    fn join(addr: std::net::SocketAddr, room: &str, token: &str) -> Peer {
+        let mut ws = connect(addr, &format!("/yjs/{room}?token={token}"));
+        let doc = Doc::new();
+        let first = messages(&mut ws);
+        let Some(Message::Sync(SyncMessage::SyncStep1(relay_sv))) = first.first() else {
+            panic!("the relay starts with sync step 1: {first:?}")
+        };
+        let mine = doc.transact().encode_state_as_update_v1(relay_sv);
+        send(&mut ws, &Message::Sync(SyncMessage::SyncStep2(mine)));
+        send(&mut ws, &Message::Sync(SyncMessage::SyncStep1(doc.transact().state_vector())));
+        let mut p = Peer { ws, doc };
+        p.until(|m| matches!(m, Message::Sync(SyncMessage::SyncStep2(_))));
+        p
+    }
+
+    /// Applies incoming messages until one for which `done` holds.
+    fn until(&mut self, done: impl Fn(&Message) -> bool) -> Message {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "timed out");
+            for m in messages(&mut self.ws) {
+                if let Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u)) = &m {
+                    self.doc.transact_mut().apply_update(Update::decode_v1(u).unwrap()).unwrap();
+                }
+                if done(&m) {
+                    return m;
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, at: u32, s: &str) {
+        let before = self.doc.transact().state_vector();
+        let text = self.doc.get_or_insert_text("t");
+        text.insert(&mut self.doc.transact_mut(), at, s);
+        let update = self.doc.transact().encode_state_as_update_v1(&before);
+        send(&mut self.ws, &Message::Sync(SyncMessage::Update(update)));
+    }
+
+    fn text(&self) -> String {
+        let text = self.doc.get_or_insert_text("t");
+        text.get_string(&self.doc.transact())
+    }
+}
+
+#[test]
+fn clients_sync_through_the_relay_and_a_late_one_gets_the_state_as_a_diff() {
+    let relay = relay(config());
+    let mut a = Peer::join(relay.local_addr(), "r1", "ada");
+    let mut b = Peer::join(relay.local_addr(), "r1", "bob");
+    a.insert(0, "hello");
+    b.until(|m| matches!(m, Message::Sync(SyncMessage::Update(_))));
+    assert_eq!(b.text(), "hello");
+    b.insert(5, " world");
+    a.until(|m| matches!(m, Message::Sync(SyncMessage::Update(_))));
+    assert_eq!(a.text(), "hello world");
+    // A late client: the relay's answer to its (empty) state vector is the
+    // whole document; to a full one, nothing new.
+    let mut c = Peer::join(relay.local_addr(), "r1", "cy");
+    assert_eq!(c.text(), "hello world");
+    send(&mut c.ws, &Message::Sync(SyncMessage::SyncStep1(c.doc.transact().state_vector())));
+    let Message::Sync(SyncMessage::SyncStep2(diff)) =
+        c.until(|m| matches!(m, Message::Sync(SyncMessage::SyncStep2(_))))
+    else {
+        unreachable!()
+    };
+    let empty = Doc::new().transact().encode_state_as_update_v1(&StateVector::default());
+    assert_eq!(diff, empty, "a client that has everything is sent an empty diff");
+    // Rooms are separate.
+    let other = Peer::join(relay.local_addr(), "r2", "dee");
+    assert_eq!(other.text(), "");
+}
+
+#[test]
+fn malformed_input_is_refused_and_the_room_goes_on() {
+    let relay = relay(config());
+    let mut a = Peer::join(relay.local_addr(), "bad", "ada");
+    let mut m = Peer::join(relay.local_addr(), "bad", "mallory");
+    // An update that is not one: refused with the auth message (permission
+    // denied and why), and never passed on.
+    m.ws.send(Ws::binary(vec![0, 2, 4, 0xff, 0xfe, 0xfd, 0xfc])).unwrap();
+    let denied = m.until(|m| matches!(m, Message::Auth(_)));
+    assert!(matches!(&denied, Message::Auth(Some(why)) if why.contains("update")), "{denied:?}");
+    // A frame that is not a y-protocol message at all.
+    m.ws.send(Ws::binary(vec![0, 9])).unwrap();
+    m.until(|m| matches!(m, Message::Auth(Some(_))));
+    m.insert(0, "ok");
+    a.until(|m| matches!(m, Message::Sync(SyncMessage::Update(_))));
+    assert_eq!(a.text(), "ok", "only the valid update reached a");
+    // A Text frame: the protocol is binary; closed with 1003.
+    m.ws.send(Ws::text("{}")).unwrap();
+    assert_eq!(expect_close(&mut m.ws).0, 1003);
+    a.insert(2, "!");
+    let mut late = Peer::join(relay.local_addr(), "bad", "late");
+    assert_eq!(late.text(), "ok!");
+    late.ws.close(None).unwrap();
+}
+
+#[test]
+fn the_token_is_checked_while_validating() {
+    // dev mode: no token, or an empty one, is 4001.
+    let relay_dev = relay(config());
+    for path in ["/yjs/r", "/yjs/r?token="] {
+        let mut ws = connect(relay_dev.local_addr(), path);
+        assert_eq!(expect_close(&mut ws).0, 4001, "{path}");
+    }
+    // jwt mode: a token for other documents is 4003; a bad one 4001; a good
+    // one joins.
+    let mut c = config();
+    c.auth.mode = AuthMode::Jwt;
+    c.auth.jwt_secret = SECRET.into();
+    let relay_jwt = relay(c);
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let token = |docs: serde_json::Value| {
+        encode(
+            &Header::default(),
+            &json!({"sub": "ada", "exp": exp, "docs": docs}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let mut ws = connect(relay_jwt.local_addr(), &format!("/yjs/r?token={}", token(json!(["other"]))));
+    assert_eq!(expect_close(&mut ws).0, 4003);
+    let mut ws = connect(relay_jwt.local_addr(), "/yjs/r?token=not.a.jwt");
+    assert_eq!(expect_close(&mut ws).0, 4001);
+    let ok = Peer::join(relay_jwt.local_addr(), "r", &token(json!(["r"])));
+    assert_eq!(ok.text(), "");
+}
