@@ -520,6 +520,22 @@ fn is_epoch(v: &Value) -> bool {
     v.as_str().is_some_and(|e| e.len() == 16 && e.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
+/// Two writers and two readers of `d`, one of each on node `a` and on node
+/// `b` (`{w}a`, `{w}b`, `ra`, `rb`), joined; returns once the readers see
+/// each other, so presence has crossed the nodes and the document is live
+/// on both.
+fn writers_and_readers(a: &Node, b: &Node, d: &str, w: &str) -> (Session, Session, Session, Session) {
+    let mut wa = a.session(d, &format!("{w}a"));
+    let mut wb = b.session(d, &format!("{w}b"));
+    let mut ra = a.session(d, "ra");
+    let mut rb = b.session(d, "rb");
+    for s in [&mut wa, &mut wb, &mut ra, &mut rb] {
+        s.join();
+    }
+    ra.broadcast("user_joined", WAIT, |v| v["user_id"] == "rb");
+    (wa, wb, ra, rb)
+}
+
 /// A fresh document id per test (the tests have separate Redis servers
 /// anyway; this keeps their logs apart).
 fn doc(name: &str) -> String {
@@ -683,16 +699,8 @@ fn concurrent_senders_on_two_nodes_produce_one_order_everywhere() {
     let nodes = start_nodes(&redis, 2, "", "");
     let (a, b) = (&nodes[0], &nodes[1]);
     let d = doc("order");
-    let mut sa = a.session(&d, "sa");
-    let mut sb = b.session(&d, "sb");
-    let mut ra = a.session(&d, "ra");
-    let mut rb = b.session(&d, "rb");
-    for s in [&mut sa, &mut sb, &mut ra, &mut rb] {
-        s.join();
-    }
-    // Everyone sees everyone before the operations start (presence has
-    // crossed the nodes, so the document is live on both).
-    ra.broadcast("user_joined", WAIT, |v| v["user_id"] == "rb");
+    // Everyone sees everyone before the operations start.
+    let (mut sa, mut sb, mut ra, mut rb) = writers_and_readers(a, b, &d, "s");
     let (a_conn, b_conn) = (sa.conn_id(), sb.conn_id());
 
     const N: usize = 150;
@@ -1114,13 +1122,7 @@ fn while_redis_is_down_operations_are_unavailable_and_acked_again_once_it_is_bac
     let nodes = start_nodes(&redis, 2, "", "");
     let (a, b) = (&nodes[0], &nodes[1]);
     let d = doc("redis-down");
-    let mut wa = a.session(&d, "wa");
-    let mut wb = b.session(&d, "wb");
-    let mut ra = a.session(&d, "ra");
-    let mut rb = b.session(&d, "rb");
-    for s in [&mut wa, &mut wb, &mut ra, &mut rb] {
-        s.join();
-    }
+    let (mut wa, mut wb, mut ra, mut rb) = writers_and_readers(a, b, &d, "w");
     let mut acked: Vec<(u64, String)> = Vec::new();
     for k in 0..3 {
         for (s, p) in [(&mut wa, "a"), (&mut wb, "b")] {
@@ -1259,14 +1261,7 @@ fn redis_restarted_while_operations_stream_loses_and_repeats_nothing() {
     let nodes = start_nodes(&redis, 2, "", "");
     let (a, b) = (&nodes[0], &nodes[1]);
     let d = doc("redis-restart");
-    let mut wa = a.session(&d, "wa");
-    let mut wb = b.session(&d, "wb");
-    let mut ra = a.session(&d, "ra");
-    let mut rb = b.session(&d, "rb");
-    for s in [&mut wa, &mut wb, &mut ra, &mut rb] {
-        s.join();
-    }
-    ra.broadcast("user_joined", WAIT, |v| v["user_id"] == "rb");
+    let (mut wa, mut wb, mut ra, mut rb) = writers_and_readers(a, b, &d, "w");
 
     let stop = AtomicBool::new(false);
     let counts: [(AtomicUsize, AtomicUsize); 2] = Default::default();

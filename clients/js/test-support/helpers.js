@@ -1,5 +1,6 @@
 // Test helpers: start the real relay binary as a child process.
 import { spawn } from "node:child_process";
+import { after } from "node:test";
 import { mkdtempSync, writeFileSync, existsSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -86,6 +87,30 @@ async function startRelayOnce({ config = "", listen = "127.0.0.1:0", dir } = {})
     },
   };
   return relay;
+}
+
+/**
+ * Cleanups run after the file's tests, last first: `track(client)` closes a client,
+ * `relayTracked(relay)` kills a relay, `onExit(f)` runs `f`.
+ */
+export function cleanups() {
+  const toStop = [];
+  after(async () => {
+    for (const x of toStop.reverse()) await x();
+  });
+  return {
+    track(c) {
+      toStop.push(async () => c.close());
+      return c;
+    },
+    relayTracked(r) {
+      toStop.push(() => r.kill());
+      return r;
+    },
+    onExit(f) {
+      toStop.push(f);
+    },
+  };
 }
 
 /** Waits until `pred()` is true, polling; rejects after `ms`. */

@@ -1,27 +1,16 @@
 // Cluster mode on Redis (docs/cluster.md) with the JavaScript client: several relays
 // (nodes) on one redis-server serve the same document, and a client given all of their
 // URLs moves to another node when its own dies, resuming from Redis's history.
-import { test, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { DocRelayClient } from "../docrelay.js";
-import { startRelay, waitFor, sleep } from "../test-support/helpers.js";
+import { startRelay, waitFor, sleep, cleanups } from "../test-support/helpers.js";
 import { startRedis } from "../test-support/redis.js";
 
-const toStop = [];
-after(async () => {
-  for (const x of toStop.reverse()) await x();
-});
-function track(c) {
-  toStop.push(async () => c.close());
-  return c;
-}
-function relayTracked(r) {
-  toStop.push(() => r.kill());
-  return r;
-}
+const { track, relayTracked, onExit } = cleanups();
 async function redisTracked() {
   const r = await startRedis();
-  toStop.push(() => r.cleanup());
+  onExit(() => r.cleanup());
   return r;
 }
 

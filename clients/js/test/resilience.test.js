@@ -1,22 +1,11 @@
-import { test, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import path from "node:path";
 import { DocRelayClient } from "../docrelay.js";
-import { startRelay, waitFor, sleep, tempDir, cleanup, metric } from "../test-support/helpers.js";
+import { startRelay, waitFor, sleep, tempDir, cleanup, metric, cleanups } from "../test-support/helpers.js";
 
-const toStop = [];
-after(async () => {
-  for (const x of toStop.reverse()) await x();
-});
-function track(c) {
-  toStop.push(async () => c.close());
-  return c;
-}
-function relayTracked(r) {
-  toStop.push(() => r.kill());
-  return r;
-}
+const { track, relayTracked, onExit } = cleanups();
 
 test("send() is rejected with the relay's error, matched by client_op_id (RATE_LIMITED)", async () => {
   const relay = relayTracked(await startRelay({ config: "[limits]\nmax_ops_per_sec = 3\nrate_limit_grace_ms = 60000\n" }));
@@ -120,7 +109,7 @@ test("an authentication failure closes the client without a reconnect loop", asy
 
 test("kill -9 of a relay with storage and a restart: the client resumes with no gap and no duplicate", async () => {
   const dir = tempDir();
-  toStop.push(async () => cleanup(dir));
+  onExit(async () => cleanup(dir));
   const config = `[storage]\ndir = "${path.join(dir, "data")}"\n`;
   let relay = relayTracked(await startRelay({ config, dir }));
   const port = relay.port;
