@@ -31,6 +31,9 @@ pub struct Identity {
     /// When the session's authentication ends: the token's `exp` plus the
     /// leeway. `None`: never (`dev` mode, or an `exp` too far to represent).
     pub expires_at: Option<SystemTime>,
+    /// A read-only grant (a JWT with `"mode": "read"`): the session may
+    /// receive but not change the document (Yjs rooms, `docs/yjs.md`).
+    pub read_only: bool,
 }
 
 /// Why a token was refused, as the client is told (`auth_result.error.message`):
@@ -140,6 +143,9 @@ struct Claims {
     name: Option<String>,
     #[serde(default)]
     docs: Option<Vec<String>>,
+    /// `"read"`: a read-only grant.
+    #[serde(default)]
+    mode: Option<String>,
     exp: NumericDate,
     #[serde(default)]
     nbf: Option<NumericDate>,
@@ -266,7 +272,12 @@ impl Authenticator {
                 if token.is_empty() {
                     return Err(AuthError::failed(Failure::EmptyToken, "empty token"));
                 }
-                Ok(Identity { user_id: token.to_string(), user_name: token.to_string(), expires_at: None })
+                Ok(Identity {
+                    user_id: token.to_string(),
+                    user_name: token.to_string(),
+                    expires_at: None,
+                    read_only: false,
+                })
             }
             Authenticator::Jwt { key, validation, leeway } => {
                 let data = decode::<Claims>(token, key, validation).map_err(|e| {
@@ -300,7 +311,8 @@ impl Authenticator {
                 }
                 let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp.0.saturating_add(*leeway)));
                 let user_name = claims.name.filter(|n| !n.is_empty()).unwrap_or_else(|| claims.sub.clone());
-                Ok(Identity { user_id: claims.sub, user_name, expires_at })
+                let read_only = claims.mode.as_deref() == Some("read");
+                Ok(Identity { user_id: claims.sub, user_name, expires_at, read_only })
             }
         }
     }
@@ -356,7 +368,7 @@ mod tests {
         let a = Authenticator::Dev;
         assert_eq!(
             a.authenticate("ada", "d").unwrap(),
-            Identity { user_id: "ada".into(), user_name: "ada".into(), expires_at: None }
+            Identity { user_id: "ada".into(), user_name: "ada".into(), expires_at: None, read_only: false }
         );
         assert_eq!(failure(a.authenticate("", "d")), Failure::EmptyToken);
     }

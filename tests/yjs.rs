@@ -174,3 +174,31 @@ fn the_token_is_checked_while_validating() {
     let ok = Peer::join(relay_jwt.local_addr(), "r", &token(json!(["r"])));
     assert_eq!(ok.text(), "");
 }
+
+#[test]
+fn a_read_only_token_receives_but_cannot_change_the_document() {
+    let mut c = config();
+    c.auth.mode = AuthMode::Jwt;
+    c.auth.jwt_secret = SECRET.into();
+    let relay = relay(c);
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let token = |sub: &str, mode: Option<&str>| {
+        let mut claims = json!({"sub": sub, "exp": exp});
+        if let Some(m) = mode {
+            claims["mode"] = json!(m);
+        }
+        encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    };
+    let mut writer = Peer::join(relay.local_addr(), "ro", &token("ada", None));
+    writer.insert(0, "by ada");
+    let mut reader = Peer::join(relay.local_addr(), "ro", &token("rita", Some("read")));
+    assert_eq!(reader.text(), "by ada", "a read-only client receives the document");
+    // Its change is dropped with a reason, and reaches nobody.
+    reader.insert(0, "rita was here: ");
+    let denied = reader.until(|m| matches!(m, Message::Auth(_)));
+    assert!(matches!(&denied, Message::Auth(Some(why)) if why.contains("read-only")), "{denied:?}");
+    writer.insert(6, "!");
+    reader.until(|m| matches!(m, Message::Sync(SyncMessage::Update(_))));
+    let late = Peer::join(relay.local_addr(), "ro", &token("bob", None));
+    assert_eq!(late.text(), "by ada!", "the read-only change is nowhere");
+}

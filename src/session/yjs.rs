@@ -124,6 +124,15 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
                 session.send(shard, frame(&Message::Sync(SyncMessage::SyncStep2(diff))));
             }
             Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
+                if session.info.identity.as_ref().is_some_and(|who| who.read_only) {
+                    // A read-only grant receives but does not change the
+                    // document (as y-sweet does): a change is dropped, and
+                    // said why; an empty answer to our step 1 is fine.
+                    if !Update::decode_v1(&update).is_ok_and(|u| u.is_empty()) {
+                        refuse(shard, session, "read-only: this token may not change the document");
+                    }
+                    continue;
+                }
                 match apply(&room, &update) {
                     Err(why) => {
                         refuse(shard, session, &why);
