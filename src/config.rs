@@ -80,6 +80,9 @@ idle_unload_ms = 30000
 max_participants_listed = 100
 # Sessions joined to one document at once; one more gets DOCUMENT_FULL.
 max_sessions = 10000
+# Largest state of a Yjs room (/yjs/{document}, docs/yjs.md), as its merged
+# update; an update that would make it larger is refused, and the room goes on.
+max_room_bytes = 67108864
 
 [auth]
 # "dev" accepts any non-empty token (never on a public address), or "jwt".
@@ -342,6 +345,7 @@ pub struct Documents {
     pub idle_unload_ms: u64,
     pub max_participants_listed: usize,
     pub max_sessions: usize,
+    pub max_room_bytes: usize,
 }
 
 /// How `authenticate` checks tokens.
@@ -544,6 +548,7 @@ impl Default for Documents {
             idle_unload_ms: 30_000,
             max_participants_listed: 100,
             max_sessions: 10_000,
+            max_room_bytes: 64 << 20,
         }
     }
 }

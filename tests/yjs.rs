@@ -202,3 +202,23 @@ fn a_read_only_token_receives_but_cannot_change_the_document() {
     let late = Peer::join(relay.local_addr(), "ro", &token("bob", None));
     assert_eq!(late.text(), "by ada!", "the read-only change is nowhere");
 }
+
+#[test]
+fn a_room_grows_only_to_max_room_bytes() {
+    let mut c = config();
+    c.documents.max_room_bytes = 4096;
+    let relay = relay(c);
+    let mut a = Peer::join(relay.local_addr(), "big", "ada");
+    let mut b = Peer::join(relay.local_addr(), "big", "bob");
+    a.insert(0, &"x".repeat(1000));
+    b.until(|m| matches!(m, Message::Sync(SyncMessage::Update(_))));
+    // 5000 more characters would pass 4096 bytes: refused, and said why.
+    a.insert(0, &"y".repeat(5000));
+    let refused = a.until(|m| matches!(m, Message::Auth(_)));
+    assert!(matches!(&refused, Message::Auth(Some(why)) if why.contains("too large")), "{refused:?}");
+    // A small one still fits; the large one reached nobody.
+    b.insert(0, "z");
+    a.until(|m| matches!(m, Message::Sync(SyncMessage::Update(_))));
+    let late = Peer::join(relay.local_addr(), "big", "cy");
+    assert_eq!(late.text(), format!("z{}", "x".repeat(1000)));
+}

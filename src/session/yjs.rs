@@ -33,6 +33,9 @@ pub(crate) struct Room {
     pub(crate) hub: Rc<DocumentHub>,
     /// Each Yjs client id's latest awareness state.
     awareness: RefCell<HashMap<u64, AwarenessState>>,
+    /// An upper bound of the document's encoded size: its size when last
+    /// measured plus every update applied since (merging only shrinks).
+    size_bound: std::cell::Cell<usize>,
 }
 
 /// A Yjs client id's latest awareness state: its clock, its JSON, and the
@@ -41,7 +44,12 @@ type AwarenessState = (u32, Arc<str>, u64);
 
 impl Room {
     fn new(id: &str, cap: Capacity) -> Room {
-        Room { doc: Doc::new(), hub: Rc::new(DocumentHub::new(id, cap)), awareness: RefCell::new(HashMap::new()) }
+        Room {
+            doc: Doc::new(),
+            hub: Rc::new(DocumentHub::new(id, cap)),
+            awareness: RefCell::new(HashMap::new()),
+            size_bound: std::cell::Cell::new(0),
+        }
     }
 
     /// The whole document as one update frame (sync step 2).
@@ -133,7 +141,7 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
                     }
                     continue;
                 }
-                match apply(&room, &update) {
+                match apply(&room, &update, shard.config.documents.max_room_bytes) {
                     Err(why) => {
                         refuse(shard, session, &why);
                         return;
@@ -179,13 +187,26 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
 }
 
 /// Decodes and applies an update; false: it holds nothing (no change to
-/// pass on); an error names why it was refused.
-fn apply(room: &Room, update: &[u8]) -> Result<bool, String> {
+/// pass on); an error names why it was refused. An update that would make
+/// the document larger than `max_bytes` is refused before it is applied.
+fn apply(room: &Room, update: &[u8], max_bytes: usize) -> Result<bool, String> {
     let decoded = Update::decode_v1(update).map_err(|e| format!("malformed update: {e}"))?;
     if decoded.is_empty() {
         return Ok(false);
     }
+    if room.size_bound.get() + update.len() > max_bytes {
+        // The bound may overstate: measure the document as it is.
+        let now = room.doc.transact().encode_state_as_update_v1(&StateVector::default()).len();
+        room.size_bound.set(now);
+        if now + update.len() > max_bytes {
+            return Err(format!(
+                "the document is too large: {now} bytes, and this update of {} would pass documents.max_room_bytes ({max_bytes})",
+                update.len()
+            ));
+        }
+    }
     room.doc.transact_mut().apply_update(decoded).map_err(|e| format!("update refused: {e}"))?;
+    room.size_bound.set(room.size_bound.get() + update.len());
     Ok(true)
 }
 
