@@ -1,6 +1,6 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { launchBrowser, startRelay, tempDir, cleanup, screenshotPath } from "./support.js";
+import { durableRelayAndBrowser, screenshotPath } from "./support.js";
 
 const cleanups = [];
 after(async () => {
@@ -13,14 +13,9 @@ const shows = (page, text) => page.waitForFunction((t) => [...document.querySele
 const notes = (page) => page.evaluate(() => window.demo.notes().map(({ text, by }) => ({ text, by })).sort((a, b) => a.text.localeCompare(b.text)));
 
 test("the demo board: two pages see each other's notes, cursors and names, through a restart", async () => {
-  const dir = tempDir();
-  cleanups.push(() => cleanup(dir));
-  const config = `[storage]\ndir = "${dir}/wal"\n`;
-  let relay = await startRelay({ config, dir });
-  const port = relay.port;
-  cleanups.push(() => relay.kill());
-  const browser = await launchBrowser();
-  cleanups.push(() => browser.close());
+  const setup = await durableRelayAndBrowser(cleanups);
+  let relay = setup.relay;
+  const browser = setup.browser;
   const context = await browser.newContext({ viewport: { width: 1280, height: 760 } });
   const open = async (name, color) => {
     const page = await context.newPage();
@@ -95,7 +90,7 @@ test("the demo board: two pages see each other's notes, cursors and names, throu
   for (const page of [ada, bob]) await page.waitForSelector('#conn[data-state="reconnecting"]');
   assert.equal(await ada.locator("#conn-text").textContent(), "Reconnecting…");
   assert.equal(await ada.locator("#add").isDisabled(), true);
-  relay = await startRelay({ config, dir, listen: `127.0.0.1:${port}` });
+  relay = await setup.restart();
   for (const page of [ada, bob]) await page.waitForSelector('#conn[data-state="connected"]', { timeout: 15000 });
   // The indicator went through "catching up" (the resume's sync) to "connected".
   assert.deepEqual(await ada.evaluate(() => window.states), ["reconnecting", "catching-up", "connected"]);

@@ -1,7 +1,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { DocRelayClient } from "../docrelay.js";
-import { launchBrowser, clientPage, startRelay, tempDir, cleanup } from "./support.js";
+import { durableRelayAndBrowser, clientPage } from "./support.js";
 
 const cleanups = [];
 after(async () => {
@@ -9,14 +9,9 @@ after(async () => {
 });
 
 test("the relay is killed and restarted on its storage: both pages resume with no gap and no duplicate", async () => {
-  const dir = tempDir();
-  cleanups.push(() => cleanup(dir));
-  const config = `[storage]\ndir = "${dir}/wal"\n`;
-  let relay = await startRelay({ config, dir });
-  const port = relay.port;
-  cleanups.push(() => relay.kill());
-  const browser = await launchBrowser();
-  cleanups.push(() => browser.close());
+  const setup = await durableRelayAndBrowser(cleanups);
+  let relay = setup.relay;
+  const browser = setup.browser;
   const context = await browser.newContext();
   const backoff = { initial: 100, max: 400 };
   const ada = await clientPage(context, relay, { document: "crash", token: "ada", backoff });
@@ -26,7 +21,7 @@ test("the relay is killed and restarted on its storage: both pages resume with n
 
   await relay.kill(); // SIGKILL: no goodbye to anyone
   for (const p of [ada, bob]) await p.waitForFunction(() => window.client.status === "reconnecting");
-  relay = await startRelay({ config, dir, listen: `127.0.0.1:${port}` });
+  relay = await setup.restart();
 
   // A third client writes as soon as the relay is back, racing the pages' resume.
   const cy = new DocRelayClient({ url: relay.url, document: "crash", token: "cy" });

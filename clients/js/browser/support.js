@@ -3,7 +3,7 @@
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
 import path from "node:path";
-import { clientDir } from "../test-support/helpers.js";
+import { clientDir, tempDir, cleanup, startRelay } from "../test-support/helpers.js";
 
 export * from "../test-support/helpers.js";
 
@@ -71,4 +71,22 @@ export async function clientPage(context, relay, { document, token, color, since
     { document, token, color, since, backoff },
   );
   return page;
+}
+
+/**
+ * A relay on a storage directory of its own, which a test may kill and start again on
+ * the same port (`restart()`, which resolves with the new relay), and a browser; what to
+ * stop goes into `cleanups` (run last first). `relay` is always the current one.
+ */
+export async function durableRelayAndBrowser(cleanups) {
+  const dir = tempDir();
+  cleanups.push(() => cleanup(dir));
+  const config = `[storage]\ndir = "${dir}/wal"\n`;
+  const r = { relay: await startRelay({ config, dir }) };
+  const port = r.relay.port;
+  r.restart = async () => (r.relay = await startRelay({ config, dir, listen: `127.0.0.1:${port}` }));
+  cleanups.push(() => r.relay.kill());
+  r.browser = await launchBrowser();
+  cleanups.push(() => r.browser.close());
+  return r;
 }
