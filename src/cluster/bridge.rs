@@ -36,6 +36,7 @@ use crate::protocol::encode::OPERATION_PREFIX;
 use crate::protocol::Participant;
 use crate::registry::ConnectionManager as Registry;
 use crate::store::Epoch;
+use crate::ws::OutFrame;
 
 /// Events waiting for a core. A notification that finds this full is not
 /// kept: the document is marked behind and filled from its stream.
@@ -310,6 +311,14 @@ async fn run(
     debug!("cluster bridge stopped");
 }
 
+/// An operation's JSON in a buffer with a frame header's headroom
+/// (`OutFrame::payload_buffer`): the core makes it a frame in place.
+fn framed(json: &[u8]) -> Vec<u8> {
+    let mut buf = OutFrame::payload_buffer(json.len());
+    buf.extend_from_slice(json);
+    buf
+}
+
 /// An `EVAL` of `script` with `keys` and `args`.
 fn eval(script: &str, keys: &[&str], args: &[&[u8]]) -> Cmd {
     let mut c = redis::cmd("EVAL");
@@ -392,7 +401,8 @@ fn pair(v: &Value) -> Option<(i64, String)> {
     }
 }
 
-/// Stream entries `[id, [field, value, ...]]` as `(seq, origin, frame)`.
+/// Stream entries `[id, [field, value, ...]]` as `(seq, origin, frame)`,
+/// each frame's JSON in a buffer with headroom ([`framed`]).
 fn entries(v: Value) -> Vec<(u64, u64, Vec<u8>)> {
     let Value::Array(items) = v else { return Vec::new() };
     let mut out = Vec::with_capacity(items.len());
@@ -411,7 +421,7 @@ fn entries(v: Value) -> Vec<(u64, u64, Vec<u8>)> {
                 match text(k).as_deref() {
                     Some("f") => {
                         if let Value::BulkString(b) = v {
-                            frame = Some(b.clone());
+                            frame = Some(framed(b));
                         }
                     }
                     Some("o") => origin = int(v).unwrap_or(0) as u64,
@@ -932,7 +942,7 @@ impl Inner {
             if s != want || want == 0 || ops.len() >= self.s.history_ops {
                 break;
             }
-            ops.push(frame.into_boxed_slice());
+            ops.push(frame);
             want -= 1;
         }
         ops.reverse();
@@ -1042,7 +1052,7 @@ impl Inner {
                     return; // had it already (from the stream)
                 }
                 if seq == doc.last + 1 {
-                    let event = Event::Op { document: document.into(), epoch, seq, origin, frame: frame.into() };
+                    let event = Event::Op { document: document.into(), epoch, seq, origin, frame: framed(frame) };
                     match self.events[doc.core].try_send(event) {
                         Ok(()) => {
                             doc.last = seq;
@@ -1233,7 +1243,7 @@ impl Inner {
                 self.registry.cluster.gap_lost.fetch_add(seq - next, Relaxed);
             }
             self.registry.cluster.gap_fills.fetch_add(1, Relaxed);
-            events.push(Event::Op { document: document.into(), epoch, seq, origin, frame: frame.into_boxed_slice() });
+            events.push(Event::Op { document: document.into(), epoch, seq, origin, frame });
             next = seq + 1;
         }
         if !full && next <= head_seq {

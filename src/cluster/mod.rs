@@ -78,8 +78,9 @@ pub struct Loaded {
     pub epoch: Epoch,
     pub seq: u64,
     /// The stream's operations ending at `seq`, oldest first (at most
-    /// `documents.history_ops`).
-    pub ops: Vec<Box<[u8]>>,
+    /// `documents.history_ops`), each in a buffer from
+    /// `OutFrame::payload_buffer`.
+    pub ops: Vec<Vec<u8>>,
     pub snapshot: Option<(u64, Box<str>)>,
     /// Sessions joined on other nodes.
     pub members: Vec<Participant>,
@@ -115,12 +116,14 @@ pub enum Event {
         result: Result<Loaded, String>,
     },
     /// The next operation of a document (`seq` is the last one sent plus 1).
+    /// `frame` is its JSON in a buffer from `OutFrame::payload_buffer`, so
+    /// the core frames it without copying it again.
     Op {
         document: Box<str>,
         epoch: Epoch,
         seq: u64,
         origin: u64,
-        frame: Box<[u8]>,
+        frame: Vec<u8>,
     },
     /// Operations up to `to` are gone from the stream before this node got
     /// them: the document skips to `to` (subscribers are told `lagged`).

@@ -41,7 +41,7 @@ impl Shard {
                     hub.skip_to(seq - 1);
                 }
                 self.stats().broadcasts.add(1);
-                hub.publish_op(seq, origin, Rc::new(OutFrame::new(Kind::Binary, &frame)));
+                hub.publish_op(seq, origin, Rc::new(OutFrame::finish(Kind::Binary, frame)));
             }
             Event::Gap { document, epoch, to } => {
                 if let Some(hub) = self.document(&document).filter(|h| h.epoch == epoch) {
@@ -188,7 +188,7 @@ impl Shard {
                 let snapshot = l.snapshot.and_then(|(seq, state)| {
                     RawValue::from_string(state.into()).ok().map(|state| Snapshot { seq, state })
                 });
-                let ops = l.ops.iter().map(|f| Rc::new(OutFrame::new(Kind::Binary, f))).collect();
+                let ops = l.ops.into_iter().map(|f| Rc::new(OutFrame::finish(Kind::Binary, f))).collect();
                 let restored = Restored { epoch: l.epoch, seq: l.seq, ops, snapshot };
                 let hub = DocumentHub::restore(document, self.capacity_of_documents(), restored);
                 for p in l.members {
