@@ -1014,25 +1014,33 @@ impl Inner {
         }
     }
 
-    /// One notification of a followed document.
+    /// One notification of a followed document: `KIND` and its fields,
+    /// separated by spaces, the last one the rest of the message (a frame or
+    /// JSON, which may hold spaces).
     fn on_message(&self, msg: &redis::Msg) {
         let Some(document) = keys::document_of_channel(msg.get_channel_name()) else { return };
         let payload = msg.get_payload_bytes();
-        let mut parts = payload.splitn(5, |&b| b == b' ');
-        let kind = parts.next().unwrap_or_default();
-        fn field(p: Option<&[u8]>) -> Option<&str> {
-            p.and_then(|b| std::str::from_utf8(b).ok())
+        let kind = payload.first().copied().unwrap_or_default();
+        // `o EPOCH SEQ ORIGIN FRAME`; the others have three fields after the
+        // kind: `j|l|c NODE CONN REST`, `s EPOCH SEQ STATE`.
+        let n = if kind == b'o' { 5 } else { 4 };
+        let mut parts: [&[u8]; 5] = [&[]; 5];
+        let mut found = 0;
+        for (i, part) in payload.splitn(n, |&b| b == b' ').enumerate() {
+            parts[i] = part;
+            found = i + 1;
         }
+        if found != n || parts[0].len() != 1 {
+            return;
+        }
+        let field = |i: usize| std::str::from_utf8(parts[i]).ok();
+        let number = |i: usize| field(i).and_then(|s| s.parse::<u64>().ok());
         let mut docs = self.docs.borrow_mut();
         let Some(doc) = docs.get_mut(document) else { return };
         match kind {
-            b"o" => {
-                let (Some(epoch), Some(seq), Some(origin), Some(frame)) = (
-                    field(parts.next()).and_then(parse_epoch),
-                    field(parts.next()).and_then(|s| s.parse::<u64>().ok()),
-                    field(parts.next()).and_then(|s| s.parse::<u64>().ok()),
-                    parts.next(),
-                ) else {
+            b'o' => {
+                let (Some(epoch), Some(seq), Some(origin)) = (field(1).and_then(parse_epoch), number(2), number(3))
+                else {
                     return;
                 };
                 let Some(ours) = doc.epoch else {
@@ -1052,7 +1060,7 @@ impl Inner {
                     return; // had it already (from the stream)
                 }
                 if seq == doc.last + 1 {
-                    let event = Event::Op { document: document.into(), epoch, seq, origin, frame: framed(frame) };
+                    let event = Event::Op { document: document.into(), epoch, seq, origin, frame: framed(parts[4]) };
                     match self.events[doc.core].try_send(event) {
                         Ok(()) => {
                             doc.last = seq;
@@ -1068,28 +1076,15 @@ impl Inner {
                 doc.max_seen = doc.max_seen.max(seq);
                 self.fill.notify_one();
             }
-            b"j" | b"l" | b"c" => {
-                let (Some(node), Some(origin), Some(rest)) =
-                    (field(parts.next()), field(parts.next()).and_then(|s| s.parse::<u64>().ok()), {
-                        // The rest is one field: re-join what splitn cut.
-                        let a = parts.next();
-                        let b = parts.next();
-                        match (a, b) {
-                            (Some(a), Some(b)) => Some([a, b" ", b].concat()),
-                            (Some(a), None) => Some(a.to_vec()),
-                            _ => None,
-                        }
-                    })
-                else {
-                    return;
-                };
+            b'j' | b'l' | b'c' => {
+                let (Some(node), Some(origin)) = (field(1), number(2)) else { return };
                 if node == self.s.node || doc.epoch.is_none() {
                     return;
                 }
                 let change = match kind {
-                    b"c" => Presence::Cursor(rest.into_boxed_slice()),
-                    _ => match serde_json::from_slice::<Participant>(&rest) {
-                        Ok(p) if kind == b"j" => Presence::Joined(p),
+                    b'c' => Presence::Cursor(parts[3].into()),
+                    _ => match serde_json::from_slice::<Participant>(parts[3]) {
+                        Ok(p) if kind == b'j' => Presence::Joined(p),
                         Ok(p) => Presence::Left(p),
                         Err(_) => return,
                     },
@@ -1105,22 +1100,13 @@ impl Inner {
                     }
                 }
             }
-            b"s" => {
-                let (Some(epoch), Some(seq), Some(a)) = (
-                    field(parts.next()).and_then(parse_epoch),
-                    field(parts.next()).and_then(|s| s.parse::<u64>().ok()),
-                    parts.next(),
-                ) else {
+            b's' => {
+                let (Some(epoch), Some(seq), Some(state)) = (field(1).and_then(parse_epoch), number(2), field(3))
+                else {
                     return;
                 };
-                let state = match parts.next() {
-                    Some(b) => [a, b" ", b].concat(),
-                    None => a.to_vec(),
-                };
-                let Ok(state) = String::from_utf8(state) else { return };
                 if doc.epoch == Some(epoch) {
-                    let event =
-                        Event::Snapshot { document: document.into(), epoch, seq, state: state.into_boxed_str() };
+                    let event = Event::Snapshot { document: document.into(), epoch, seq, state: state.into() };
                     // Full: the snapshot stays in Redis for nodes that load
                     // the document; this node serves its older one.
                     let _ = self.events[doc.core].try_send(event);
