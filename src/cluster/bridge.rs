@@ -390,7 +390,10 @@ fn text(v: &Value) -> Option<String> {
 }
 
 fn parse_epoch(text: &str) -> Option<Epoch> {
-    (text.len() == 16).then(|| u64::from_str_radix(text, 16).ok()).flatten().map(Epoch)
+    if text.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(text, 16).ok().map(Epoch)
 }
 
 /// The `{int, text}` reply of a script.
@@ -689,6 +692,10 @@ impl Inner {
             groups[at].1.push((script, cmd, answer));
         };
         const NODE: Option<&str> = Some("");
+        // The epoch a document starts with if Redis lost it: one per batch
+        // (the first append of such a document creates it; the others then
+        // find an epoch that is not theirs).
+        let new = Epoch::random().to_string();
         for (r, token) in sent {
             match r {
                 Request::Load { .. } | Request::Unfollow { .. } => {}
@@ -697,7 +704,6 @@ impl Inner {
                         (keys::meta(document), keys::ops(document), keys::snapshot(document), keys::channel(document));
                     let (epoch, origin, maxlen) =
                         (epoch.to_string(), origin.to_string(), self.s.stream_max_ops.to_string());
-                    let new = Epoch::random().to_string();
                     let cmd = evalsha(
                         Batch::Append,
                         &[&meta, &ops, &snap, &ch],
@@ -827,11 +833,7 @@ impl Inner {
                 let result = match (failure, pair(&v)) {
                     (Some(why), _) => Err(Refusal::Unavailable(why)),
                     (None, Some((seq, _))) if seq > 0 => Ok(seq as u64),
-                    (None, Some((_, epoch))) => {
-                        self.epoch_moved(&document);
-                        Err(parse_epoch(&epoch)
-                            .map_or_else(|| Refusal::Unavailable("Redis lost the document".into()), Refusal::Epoch))
-                    }
+                    (None, Some((_, epoch))) => Err(self.epoch_moved(&document, &epoch)),
                     (None, None) => Err(Refusal::Unavailable(format!("unexpected reply from Redis: {v:?}"))),
                 };
                 if result.is_err() {
@@ -852,11 +854,7 @@ impl Inner {
                     (Some(why), _) => Err(Refusal::Unavailable(why)),
                     (None, Some((1, _))) => Ok(()),
                     (None, Some((-1, _))) => Err(Refusal::Ahead { seq }),
-                    (None, Some((_, epoch))) => {
-                        self.epoch_moved(&document);
-                        Err(parse_epoch(&epoch)
-                            .map_or_else(|| Refusal::Unavailable("Redis lost the document".into()), Refusal::Epoch))
-                    }
+                    (None, Some((_, epoch))) => Err(self.epoch_moved(&document, &epoch)),
                     (None, None) => Err(Refusal::Unavailable(format!("unexpected reply from Redis: {v:?}"))),
                 };
                 let _ = self.events[core].send_async(Event::SnapshotStored { session, seq, result }).await;
@@ -864,13 +862,15 @@ impl Inner {
         }
     }
 
-    /// The document's epoch in Redis is not the one the node follows: the
-    /// filler finds out which it is and resets the document.
-    fn epoch_moved(&self, document: &str) {
+    /// A script found the document's epoch in Redis (`epoch`) is not the one
+    /// the node follows: the filler finds out which it is and resets the
+    /// document. Returns the refusal for the request.
+    fn epoch_moved(&self, document: &str, epoch: &str) -> Refusal {
         if let Some(d) = self.docs.borrow_mut().get_mut(document) {
             d.behind = true;
         }
         self.fill.notify_one();
+        parse_epoch(epoch).map_or_else(|| Refusal::Unavailable("Redis lost the document".into()), Refusal::Epoch)
     }
 
     // ---- loading ----
