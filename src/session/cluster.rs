@@ -53,11 +53,10 @@ impl Shard {
                 let Some(hub) = self.document(&document) else { return };
                 let frame = match change {
                     Presence::Joined(p) => {
-                        let frame = encode::user_joined(&p);
-                        if !hub.add_remote(p) {
-                            return;
+                        if announce_joined(&hub, p) {
+                            self.stats().broadcasts.add(1);
                         }
-                        frame
+                        return;
                     }
                     Presence::Left(p) => {
                         if !hub.remove_remote(p.connection_id) {
@@ -127,10 +126,7 @@ impl Shard {
             }
         }
         for p in members {
-            let (id, frame) = (p.connection_id, encode::user_joined(&p));
-            if hub.add_remote(p) {
-                hub.publish_presence(id, frame);
-            }
+            announce_joined(hub, p);
         }
     }
 
@@ -164,10 +160,7 @@ impl Shard {
                 // Only additions: one that joined after Redis listed these may
                 // be known already (its notification came first).
                 for p in members {
-                    let (id, frame) = (p.connection_id, encode::user_joined(&p));
-                    if hub.add_remote(p) {
-                        hub.publish_presence(id, frame);
-                    }
+                    announce_joined(&hub, p);
                 }
                 super::handlers::joined(self, &session, &hub, participant, reply.since, reply.epoch.as_deref());
             }
@@ -239,6 +232,18 @@ impl Shard {
             }
         }
     }
+}
+
+/// A session of another node joined: listed among the hub's remote
+/// participants and announced with `user_joined`, unless it was known
+/// (false).
+fn announce_joined(hub: &DocumentHub, p: Participant) -> bool {
+    let (id, frame) = (p.connection_id, encode::user_joined(&p));
+    let added = hub.add_remote(p);
+    if added {
+        hub.publish_presence(id, frame);
+    }
+    added
 }
 
 fn refusal_text(r: &Refusal) -> String {
