@@ -3,7 +3,10 @@
 
 use std::fmt::Write as _;
 
-use super::{ConnectionManager, CoreStats, Refused, Rejection};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{ClusterHealth, ConnectionManager, CoreStats, Refused, Rejection};
 use crate::http;
 
 /// A per-core family: name, type, help, and the statistic.
@@ -27,6 +30,29 @@ const PER_CORE: [PerCore; 13] = [
         "counter",
         "Operations and snapshots refused with UNAVAILABLE (storage full or failing).",
         |c| c.store_refusals.get(),
+    ),
+];
+
+/// The cluster's counters (cluster mode only): name, help, the counter.
+type ClusterCounter = (&'static str, &'static str, fn(&ClusterHealth) -> &AtomicU64);
+
+const CLUSTER_COUNTERS: [ClusterCounter; 5] = [
+    ("docrelay_cluster_degraded_total", "Times the node lost Redis.", |c| &c.degradations),
+    ("docrelay_cluster_redis_errors_total", "Redis commands that failed.", |c| &c.redis_errors),
+    (
+        "docrelay_cluster_unavailable_total",
+        "Operations and snapshots refused with UNAVAILABLE because Redis did not take them.",
+        |c| &c.unavailable,
+    ),
+    (
+        "docrelay_cluster_gap_fills_total",
+        "Operations read from a document's stream because their notification was missed.",
+        |c| &c.gap_fills,
+    ),
+    (
+        "docrelay_cluster_gap_lost_total",
+        "Missed operations the stream no longer held (subscribers were told lagged).",
+        |c| &c.gap_lost,
     ),
 ];
 
@@ -89,44 +115,16 @@ impl ConnectionManager {
             &mut one(self.auth_failures()),
         );
         let c = &self.cluster;
-        if c.enabled.load(std::sync::atomic::Ordering::Relaxed) {
-            let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        if c.enabled.load(Relaxed) {
             family(
                 "docrelay_cluster_redis_up",
                 "gauge",
                 "1 while the node reaches Redis, 0 while it is degraded (/healthz answers 503).",
                 &mut one(u64::from(c.degraded().is_none())),
             );
-            family(
-                "docrelay_cluster_degraded_total",
-                "counter",
-                "Times the node lost Redis.",
-                &mut one(load(&c.degradations)),
-            );
-            family(
-                "docrelay_cluster_redis_errors_total",
-                "counter",
-                "Redis commands that failed.",
-                &mut one(load(&c.redis_errors)),
-            );
-            family(
-                "docrelay_cluster_unavailable_total",
-                "counter",
-                "Operations and snapshots refused with UNAVAILABLE because Redis did not take them.",
-                &mut one(load(&c.unavailable)),
-            );
-            family(
-                "docrelay_cluster_gap_fills_total",
-                "counter",
-                "Operations read from a document's stream because their notification was missed.",
-                &mut one(load(&c.gap_fills)),
-            );
-            family(
-                "docrelay_cluster_gap_lost_total",
-                "counter",
-                "Missed operations the stream no longer held (subscribers were told lagged).",
-                &mut one(load(&c.gap_lost)),
-            );
+            for (name, help, read) in CLUSTER_COUNTERS {
+                family(name, "counter", help, &mut one(read(c).load(Relaxed)));
+            }
         }
         for (name, kind, help, read) in PER_CORE {
             let mut samples = self.cores().iter().enumerate().map(|(i, c)| (format!("{{core=\"{i}\"}}"), read(c)));
