@@ -234,7 +234,11 @@ impl ClusterCore {
         if self.backlog.borrow().is_empty() && !self.draining.get() {
             return true;
         }
-        self.waiting.borrow_mut().push(waker.clone());
+        let mut waiting = self.waiting.borrow_mut();
+        // A reader polled again while it waits is not listed twice.
+        if !waiting.iter().any(|w| w.will_wake(waker)) {
+            waiting.push(waker.clone());
+        }
         false
     }
 

@@ -183,7 +183,7 @@ impl Shard {
                 });
                 let ops = l.ops.into_iter().map(|f| Rc::new(OutFrame::finish(Kind::Binary, f))).collect();
                 let restored = Restored { epoch: l.epoch, seq: l.seq, ops, snapshot };
-                let hub = DocumentHub::restore(document, self.capacity_of_documents(), restored);
+                let hub = DocumentHub::restore(document, self.capacity(), restored);
                 for p in l.members {
                     hub.add_remote(p);
                 }
@@ -214,7 +214,7 @@ impl Shard {
             return;
         }
         let restored = Restored { epoch, seq: 0, ops: Vec::new(), snapshot: None };
-        let hub = Rc::new(DocumentHub::restore(document, self.capacity_of_documents(), restored));
+        let hub = Rc::new(DocumentHub::restore(document, self.capacity(), restored));
         self.replace_document(document, hub.clone());
         let participants = old.local_participants();
         for session in self.all_sessions() {

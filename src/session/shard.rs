@@ -162,13 +162,9 @@ impl Shard {
         self.shutting_down.get()
     }
 
-    fn capacity(&self) -> Capacity {
+    pub(crate) fn capacity(&self) -> Capacity {
         let d = &self.config.documents;
         Capacity { ring: d.ring_capacity, presence: d.presence_ring_capacity, history: d.history_ops }
-    }
-
-    pub(crate) fn capacity_of_documents(&self) -> Capacity {
-        self.capacity()
     }
 
     pub(crate) fn loaded(&self, id: &str, hub: Rc<DocumentHub>) -> Rc<DocumentHub> {

@@ -82,7 +82,7 @@ impl Shard {
         if let Some(r) = self.rooms.borrow().get(document) {
             return r.clone();
         }
-        let room = Rc::new(Room::new(document, self.capacity_of_documents()));
+        let room = Rc::new(Room::new(document, self.capacity()));
         self.rooms.borrow_mut().insert(document.into(), room.clone());
         room
     }
