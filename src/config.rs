@@ -83,6 +83,10 @@ max_sessions = 10000
 # Largest state of a Yjs room (/yjs/{document}, docs/yjs.md), as its merged
 # update; an update that would make it larger is refused, and the room goes on.
 max_room_bytes = 67108864
+# With storage.dir: a Yjs room's updates are stored one by one, and after
+# this many (or more bytes than its state and 1 MiB) its whole state is
+# stored as one merged update, and the updates before it are reclaimed.
+yjs_compact_after = 1000
 
 [auth]
 # "dev" accepts any non-empty token (never on a public address), or "jwt".
@@ -346,6 +350,7 @@ pub struct Documents {
     pub max_participants_listed: usize,
     pub max_sessions: usize,
     pub max_room_bytes: usize,
+    pub yjs_compact_after: u64,
 }
 
 /// How `authenticate` checks tokens.
@@ -549,6 +554,7 @@ impl Default for Documents {
             max_participants_listed: 100,
             max_sessions: 10_000,
             max_room_bytes: 64 << 20,
+            yjs_compact_after: 1000,
         }
     }
 }

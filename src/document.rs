@@ -238,6 +238,11 @@ impl DocumentHub {
         seq
     }
 
+    /// The last seq assigned (published, or waiting to be stored).
+    pub fn assigned(&self) -> u64 {
+        self.assigned.get()
+    }
+
     /// Takes back the seq just assigned (its record was refused at once).
     pub fn unassign_last(&self, seq: u64) {
         assert_eq!(seq, self.assigned.get(), "only the last assigned seq can be taken back");

@@ -222,3 +222,141 @@ fn a_room_grows_only_to_max_room_bytes() {
     let late = Peer::join(relay.local_addr(), "big", "cy");
     assert_eq!(late.text(), format!("z{}", "x".repeat(1000)));
 }
+
+// ---------------------------------------------------------------------------
+// Persistence: the relay as a process, on a storage directory, killed and
+// started again.
+
+/// A `docrelay serve` child process; killed when dropped.
+struct Proc {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    fn serve(config: &str, cores: &str) -> Proc {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_docrelay"));
+        cmd.args(["serve", "--config", config, "--listen", "127.0.0.1:0", "--cores", cores]);
+        cmd.env("RUST_LOG", "info,docrelay::session=debug");
+        let (child, addr, log) = spawn_listening(cmd, Duration::from_secs(30));
+        Proc { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// kill -9; it must have been running until then.
+    fn kill(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "the relay had died already:\n{}", self.log());
+        assert!(!self.log().contains("panicked"), "the relay panicked:\n{}", self.log());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn durable(tmp: &TempDir, documents: &str) -> (String, std::path::PathBuf) {
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ncores = [0]\n\n[documents]\n{documents}\n\n[storage]\ndir = \"{}\"\nsegment_bytes = 65536\n",
+        data.display()
+    );
+    (tmp.file("relay.toml", &text), data)
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+impl Peer {
+    /// Applies incoming messages until `n` updates have arrived.
+    fn updates(&mut self, n: usize) {
+        for _ in 0..n {
+            self.until(|m| matches!(m, Message::Sync(SyncMessage::Update(_))));
+        }
+    }
+}
+
+#[test]
+fn a_room_survives_kill_9_merged_into_one_state_and_on_another_core_count() {
+    let tmp = TempDir::new("yjs-durable");
+    let (config, data) = durable(&tmp, "yjs_compact_after = 10");
+    let mut relay = Proc::serve(&config, "0");
+    let mut a = Peer::join(relay.addr, "novel", "ada");
+    let mut b = Peer::join(relay.addr, "novel", "bob");
+    // 500 updates, each its own record (its own 4 KiB write): 2 MB of log
+    // unless the room's updates are merged and their segments reclaimed.
+    let line = "x".repeat(99);
+    for i in 0..500 {
+        a.insert(i * 100, &format!("{line}\n"));
+    }
+    // An update is passed on once stored: b has them all, so the log has.
+    b.updates(500);
+    assert_eq!(b.text(), a.text());
+    assert_eq!(b.text().len(), 50_000);
+    let reclaimed = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        dir_bytes(&data) < 400_000
+    });
+    assert!(reclaimed, "the log holds {} bytes: the room's updates were not merged and reclaimed", dir_bytes(&data));
+    assert!(relay.log().contains("yjs: room state merged"), "{}", relay.log());
+
+    relay.kill();
+    let mut relay = Proc::serve(&config, "0");
+    let mut c = Peer::join(relay.addr, "novel", "cy");
+    assert_eq!(c.text(), a.text(), "a new client after kill -9 gets the whole document");
+    assert!(relay.log().contains("yjs: room loaded"), "{}", relay.log());
+    // The room goes on where it was: its updates are stored after the
+    // others, and survive another kill -9, on two cores this time (the room
+    // moves to the core its key hashes to).
+    c.insert(0, "title\n");
+    let mut d = Peer::join(relay.addr, "novel", "dee");
+    if d.text() != c.text() {
+        d.updates(1);
+    }
+    assert_eq!(d.text(), c.text());
+    relay.kill();
+    let relay = Proc::serve(&config, "0,1");
+    let e = Peer::join(relay.addr, "novel", "eve");
+    assert!(e.text().starts_with("title\n") && e.text().len() == 50_006, "{:?}", &e.text()[..20]);
+    // And the same id on /ws/documents/ is another document.
+    let mut ws = connect(relay.addr, "/ws/documents/novel");
+    let authed = request(&mut ws, r#"{"type":"authenticate","token":"t"}"#);
+    assert_eq!(authed["type"], "auth_result", "{authed}");
+    let joined = request(&mut ws, r#"{"type":"join_document"}"#);
+    assert_eq!((&joined["type"], &joined["seq"]), (&json!("joined_document"), &json!(0)), "{joined}");
+}
+
+#[test]
+fn an_idle_room_is_freed_and_loaded_again_from_the_log() {
+    let tmp = TempDir::new("yjs-idle");
+    let (config, _) = durable(&tmp, "idle_unload_ms = 100");
+    let relay = Proc::serve(&config, "0");
+    let mut a = Peer::join(relay.addr, "notes", "ada");
+    a.insert(0, "kept");
+    let mut b = Peer::join(relay.addr, "notes", "bob");
+    if b.text().is_empty() {
+        b.updates(1);
+    }
+    assert_eq!(b.text(), "kept");
+    drop(a);
+    drop(b);
+    let freed = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        relay.log().contains("yjs: idle room freed")
+    });
+    assert!(freed, "the idle room was not freed:\n{}", relay.log());
+    let c = Peer::join(relay.addr, "notes", "cy");
+    assert_eq!(c.text(), "kept");
+    assert!(relay.log().contains("yjs: room loaded"), "{}", relay.log());
+}

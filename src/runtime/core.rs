@@ -635,7 +635,9 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream, kind: Listener) {
     let index = core.shard.index;
     let owner = match mode {
         Mode::Echo => index,
-        Mode::Document | Mode::Yjs => owner_core(document, core.peers.len()),
+        Mode::Document => owner_core(document, core.peers.len()),
+        // A room is placed by its store key, as recovery places its records.
+        Mode::Yjs => owner_core(&crate::store::index::yjs_key(document), core.peers.len()),
     };
     let handoff_fd = if owner == index {
         None

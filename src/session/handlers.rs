@@ -318,7 +318,7 @@ fn operation(shard: &Shard, session: &Session, env: &Envelope<'_>) -> Result<(),
 
 /// Publishes and acknowledges at once what the store already holds (memory,
 /// `fsync = "never"`), else queues it until its record is stored.
-fn commit_or_defer(shard: &Shard, session: &Session, hub: Rc<DocumentHub>, ticket: u64, what: Committed) {
+pub(super) fn commit_or_defer(shard: &Shard, session: &Session, hub: Rc<DocumentHub>, ticket: u64, what: Committed) {
     if shard.store.stored() >= ticket && !shard.commits_pending() {
         return publish(shard, session, &hub, what);
     }
@@ -341,6 +341,11 @@ fn publish(shard: &Shard, session: &Session, hub: &DocumentHub, what: Committed)
             hub.store_snapshot(seq, state);
             session.send_text(shard, encode::ack(seq, None));
         }
+        Committed::Update { seq, frame, .. } => {
+            shard.stats().operations.add(1);
+            shard.stats().broadcasts.add(1);
+            hub.publish_op(seq, session.info.id, frame);
+        }
     }
 }
 
@@ -352,13 +357,21 @@ pub(super) fn committed(shard: &Shard, c: Commit) {
 /// A deferred operation or snapshot whose record could not be stored:
 /// nothing was broadcast or acknowledged; the client is told `UNAVAILABLE`.
 pub(super) fn not_committed(shard: &Shard, c: Commit, why: &str) {
-    shard.stats().store_refusals.add(1);
-    let reply = match &c.what {
+    let reply = match c.what {
         Committed::Op { client_op_id, .. } => {
+            shard.stats().store_refusals.add(1);
             c.hub.unassign();
             encode::op_error(ErrorCode::Unavailable, why, client_op_id.as_deref())
         }
-        Committed::Snapshot { .. } => encode::error(ErrorCode::Unavailable, why),
+        Committed::Snapshot { .. } => {
+            shard.stats().store_refusals.add(1);
+            encode::error(ErrorCode::Unavailable, why)
+        }
+        Committed::Update { room, seq, frame } => {
+            // Passed on all the same (the room has it); its state is stored later.
+            super::yjs::not_stored(shard, &c.session, &room, why);
+            return publish(shard, &c.session, &c.hub, Committed::Update { room, seq, frame });
+        }
     };
     c.session.send_text(shard, reply);
 }

@@ -51,7 +51,7 @@ impl Session {
                         Mode::Echo => {
                             self.send(shard, Rc::new(OutFrame::new(Kind::Binary, data)));
                         }
-                        Mode::Document if self.joining.get() => {
+                        Mode::Document | Mode::Yjs if self.joining.get() => {
                             self.held.borrow_mut().push_back(Held::Binary(data.into()))
                         }
                         Mode::Document => handlers::handle_binary(shard, self, data),
@@ -154,6 +154,7 @@ impl Session {
             if self.is_open() {
                 match held {
                     Held::Text(text) => handlers::handle_text(shard, self, &text),
+                    Held::Binary(data) if self.info.mode == Mode::Yjs => super::yjs::handle(shard, self, &data),
                     Held::Binary(data) => handlers::handle_binary(shard, self, &data),
                 }
             }

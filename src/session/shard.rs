@@ -73,8 +73,21 @@ pub(crate) struct Commit {
 }
 
 pub(crate) enum Committed {
-    Op { seq: u64, frame: SharedFrame, client_op_id: Option<Box<str>> },
-    Snapshot { seq: u64, state: Box<serde_json::value::RawValue> },
+    Op {
+        seq: u64,
+        frame: SharedFrame,
+        client_op_id: Option<Box<str>>,
+    },
+    Snapshot {
+        seq: u64,
+        state: Box<serde_json::value::RawValue>,
+    },
+    /// A Yjs room's update (`session/yjs.rs`): passed on, without an ack.
+    Update {
+        room: Rc<super::yjs::Room>,
+        seq: u64,
+        frame: SharedFrame,
+    },
 }
 
 /// A session waiting for its document to be loaded from the store.
@@ -117,6 +130,8 @@ pub struct Shard {
     pub(crate) cluster: Option<ClusterCore>,
     /// Yjs rooms (`/yjs/{document}`) of this core.
     pub(crate) rooms: RefCell<HashMap<Box<str>, Rc<super::yjs::Room>>>,
+    /// Yjs rooms being loaded from the store, and the sessions waiting.
+    pub(crate) rooms_loading: RefCell<HashMap<Box<str>, Vec<Rc<Session>>>>,
     me: Weak<Shard>,
 }
 
@@ -136,6 +151,7 @@ impl Shard {
             loading: RefCell::new(HashMap::new()),
             cluster: setup.cluster,
             rooms: RefCell::new(HashMap::new()),
+            rooms_loading: RefCell::new(HashMap::new()),
             me: me.clone(),
             index: setup.index,
             config: setup.config,
@@ -167,12 +183,22 @@ impl Shard {
         Capacity { ring: d.ring_capacity, presence: d.presence_ring_capacity, history: d.history_ops }
     }
 
-    pub(crate) fn loaded(&self, id: &str, hub: Rc<DocumentHub>) -> Rc<DocumentHub> {
-        self.documents.borrow_mut().insert(id.into(), hub.clone());
-        self.stats().documents.add(1);
+    /// This shard, shared (for a task it spawns).
+    pub(crate) fn rc(&self) -> Rc<Shard> {
+        self.me.upgrade().expect("the shard outlives its tasks")
+    }
+
+    /// The ticker watches documents and rooms too: it runs again.
+    pub(crate) fn wake_ticker(&self) {
         if let Some(w) = self.ticker_waker.take() {
             w.wake();
         }
+    }
+
+    pub(crate) fn loaded(&self, id: &str, hub: Rc<DocumentHub>) -> Rc<DocumentHub> {
+        self.documents.borrow_mut().insert(id.into(), hub.clone());
+        self.stats().documents.add(1);
+        self.wake_ticker();
         debug!(document = id, core = self.index, seq = hub.seq(), epoch = %hub.epoch, "document loaded");
         hub
     }
@@ -200,7 +226,7 @@ impl Shard {
                 cluster.send(crate::cluster::Request::Load { document: id.into(), core: self.index });
                 return None;
             }
-            let shard = self.me.upgrade().expect("the shard outlives its tasks");
+            let shard = self.rc();
             let id: Box<str> = id.into();
             shard.spawn_tracked(shard.clone().load(id));
         }
@@ -349,10 +375,7 @@ impl Shard {
         }
         let unloaded = before - self.documents.borrow().len();
         self.stats().documents.sub(unloaded as u64);
-        // Yjs rooms live in memory: one without clients for as long is freed.
-        self.rooms.borrow_mut().retain(|_, room| {
-            room.hub.subscriber_count() > 0 || room.hub.empty_since.get().is_none_or(|t| now - t < after)
-        });
+        super::yjs::tick(self, now, after);
     }
 
     /// Spawns a per-connection task that shutdown can cancel.

@@ -9,8 +9,15 @@
 //! a gap. Awareness (cursors, names) goes on the presence ring; the relay
 //! keeps each client id's latest state, hands them to a client that joins,
 //! and publishes their removal when the connection that announced them ends.
+//!
+//! With `storage.dir` a room's history is kept in the core's log under its
+//! own key ([`yjs_key`]): every update as a record, passed on once stored
+//! (as an operation is), and every `documents.yjs_compact_after` updates the
+//! room's whole state as one merged update (a snapshot), after which the
+//! updates before it are dead and their space is reclaimed. A room is
+//! loaded from its merged state and the updates after it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -22,20 +29,35 @@ use yrs::updates::decoder::{Decode, DecoderV1};
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
 
+use super::shard::Committed;
 use super::{Session, Shard, Subscription};
-use crate::document::{Capacity, DocumentHub};
+use crate::document::{Capacity, DocumentHub, Restored};
 use crate::protocol::Participant;
+use crate::store::index::yjs_key;
+use crate::store::record::Kind as RecordKind;
+use crate::store::{Epoch, StoreError};
 use crate::ws::{Kind, OutFrame, SharedFrame};
 
 /// A Yjs room on its owner core.
 pub(crate) struct Room {
+    /// Its key in the store.
+    key: Box<str>,
     doc: Doc,
     pub(crate) hub: Rc<DocumentHub>,
     /// Each Yjs client id's latest awareness state.
     awareness: RefCell<HashMap<u64, AwarenessState>>,
     /// An upper bound of the document's encoded size: its size when last
     /// measured plus every update applied since (merging only shrinks).
-    size_bound: std::cell::Cell<usize>,
+    size_bound: Cell<usize>,
+    /// Updates stored since the last merged state, and their bytes.
+    unmerged: Cell<(u64, usize)>,
+    /// Bytes of the last merged state stored.
+    merged_bytes: Cell<usize>,
+    /// The ticket of the last merged state appended.
+    merged_ticket: Cell<u64>,
+    /// The store refused an update or a merged state: the whole state is to
+    /// be stored (retried by the ticker until the store takes it).
+    dirty: Cell<bool>,
 }
 
 /// A Yjs client id's latest awareness state: its clock, its JSON, and the
@@ -43,12 +65,60 @@ pub(crate) struct Room {
 type AwarenessState = (u32, Arc<str>, u64);
 
 impl Room {
-    fn new(id: &str, cap: Capacity) -> Room {
+    /// A room resuming `doc` at `seq` of `epoch` (a new room: an empty
+    /// document, seq 0 of a new epoch).
+    fn new(id: &str, cap: Capacity, doc: Doc, epoch: Epoch, seq: u64) -> Room {
+        // Rooms keep no operation history: a client is resynced from the
+        // document itself.
+        let cap = Capacity { history: 0, ..cap };
+        let size = doc.transact().encode_state_as_update_v1(&StateVector::default()).len();
         Room {
-            doc: Doc::new(),
-            hub: Rc::new(DocumentHub::new(id, cap)),
+            key: yjs_key(id).into(),
+            doc,
+            hub: Rc::new(DocumentHub::restore(id, cap, Restored { epoch, seq, ops: Vec::new(), snapshot: None })),
             awareness: RefCell::new(HashMap::new()),
-            size_bound: std::cell::Cell::new(0),
+            size_bound: Cell::new(size),
+            unmerged: Cell::new((0, 0)),
+            merged_bytes: Cell::new(size),
+            merged_ticket: Cell::new(0),
+            dirty: Cell::new(false),
+        }
+    }
+
+    /// Appends the room's whole state as one merged update (a snapshot at
+    /// the last seq assigned, which it covers): the updates up to it are
+    /// dead from then on. A refusal leaves the room dirty, to try again.
+    fn merge(&self, shard: &Shard) {
+        let state = self.doc.transact().encode_state_as_update_v1(&StateVector::default());
+        match shard.store.append(&self.key, self.hub.epoch, RecordKind::Snapshot, self.hub.assigned(), &state) {
+            Ok(ticket) => {
+                self.hub.last_ticket.set(ticket);
+                self.merged_ticket.set(ticket);
+                self.unmerged.set((0, 0));
+                self.merged_bytes.set(state.len());
+                self.size_bound.set(state.len());
+                self.dirty.set(false);
+                tracing::debug!(room = %self.hub.id, seq = self.hub.assigned(), bytes = state.len(), "yjs: room state merged");
+            }
+            Err(e) => {
+                self.dirty.set(true);
+                tracing::debug!(room = %self.hub.id, error = %e, "yjs: merging the room's state was refused; retried later");
+            }
+        }
+    }
+
+    /// After an update is appended: merges the room's state once enough has
+    /// piled up since the last merge (`documents.yjs_compact_after` updates,
+    /// or more bytes than the merged state and at least 1 MiB).
+    fn note_appended(&self, shard: &Shard, bytes: usize) {
+        if shard.log.is_none() {
+            return;
+        }
+        let (n, b) = self.unmerged.get();
+        self.unmerged.set((n + 1, b + bytes));
+        let after = shard.config.documents.yjs_compact_after.max(1);
+        if n + 1 >= after || b + bytes > self.merged_bytes.get().max(1 << 20) {
+            self.merge(shard);
         }
     }
 
@@ -77,13 +147,10 @@ fn frame(message: &Message) -> SharedFrame {
 }
 
 impl Shard {
-    /// The Yjs room of a document, created on first use.
-    pub(crate) fn room(&self, document: &str) -> Rc<Room> {
-        if let Some(r) = self.rooms.borrow().get(document) {
-            return r.clone();
-        }
-        let room = Rc::new(Room::new(document, self.capacity()));
-        self.rooms.borrow_mut().insert(document.into(), room.clone());
+    fn add_room(&self, id: &str, room: Room) -> Rc<Room> {
+        let room = Rc::new(room);
+        self.rooms.borrow_mut().insert(id.into(), room.clone());
+        self.wake_ticker();
         room
     }
 
@@ -94,11 +161,99 @@ impl Shard {
 }
 
 /// A Yjs session becomes CONNECTED (authenticated while VALIDATING): it
-/// joins its room and gets the relay's sync step 1 (so that it sends what
-/// the relay lacks) and the awareness states.
-pub(super) fn start(shard: &Shard, session: &Session) {
+/// enters its room, once the room is loaded.
+pub(super) fn start(shard: &Shard, session: &Rc<Session>) {
+    let id = &session.info.document;
+    if let Some(room) = shard.existing_room(id) {
+        return enter(shard, session, &room);
+    }
+    let key = yjs_key(id);
+    if shard.store.head(&key).is_none() {
+        let room = shard.add_room(id, Room::new(id, shard.capacity(), Doc::new(), Epoch::random(), 0));
+        return enter(shard, session, &room);
+    }
+    // Its history is in the store: what the client sends meanwhile is held.
+    session.join_pending();
+    let first = {
+        let mut loading = shard.rooms_loading.borrow_mut();
+        let waiters = loading.entry(id.clone()).or_default();
+        waiters.push(session.clone());
+        waiters.len() == 1
+    };
+    if first {
+        let shard = shard.rc();
+        shard.spawn_tracked(load(shard.clone(), id.clone()));
+    }
+}
+
+/// Loads a room from the store, then lets in everyone who waited.
+async fn load(shard: Rc<Shard>, id: Box<str>) {
+    let result = read_room(&shard, &id).await;
+    let waiters = shard.rooms_loading.borrow_mut().remove(&id).unwrap_or_default();
+    match result {
+        Ok(room) => {
+            let room = shard.add_room(&id, room);
+            for session in waiters {
+                enter(&shard, &session, &room);
+                session.join_done();
+            }
+        }
+        Err(e) => {
+            tracing::error!(room = %id, core = shard.index, error = %e, "yjs: could not load a room's history");
+            for session in waiters {
+                session.begin_close(&shard, crate::close::INTERNAL, "the room's history could not be loaded");
+                session.join_done();
+            }
+        }
+    }
+}
+
+/// A room as stored: its latest merged state, then every update after it.
+/// An update that does not decode or apply (damage) is skipped, said so.
+async fn read_room(shard: &Shard, id: &str) -> Result<Room, StoreError> {
+    let key = yjs_key(id);
+    let Some(head) = shard.store.head(&key) else {
+        return Ok(Room::new(id, shard.capacity(), Doc::new(), Epoch::random(), 0));
+    };
+    let doc = Doc::new();
+    let mut skipped = 0;
+    let mut apply_stored = |bytes: &[u8]| {
+        let ok = Update::decode_v1(bytes).is_ok_and(|u| doc.transact_mut().apply_update(u).is_ok());
+        if !ok {
+            skipped += 1;
+        }
+    };
+    let merged = shard.store.latest_snapshot(&key).await?;
+    let from = merged.as_ref().map_or(1, |m| m.seq + 1);
+    if let Some(m) = &merged {
+        apply_stored(&m.state);
+    }
+    if head.oldest > from {
+        tracing::warn!(room = id, from, oldest = head.oldest, "yjs: updates of the room were lost to damage");
+    }
+    let updates = shard.store.read_range(&key, from, head.seq).await?;
+    let mut bytes = 0;
+    for u in &updates {
+        bytes += u.len();
+        apply_stored(u);
+    }
+    if skipped > 0 {
+        tracing::warn!(room = id, skipped, "yjs: stored updates of the room that do not apply were skipped");
+    }
+    let room = Room::new(id, shard.capacity(), doc, head.epoch, head.seq);
+    room.merged_bytes.set(merged.map_or(0, |m| m.state.len()));
+    room.unmerged.set((updates.len() as u64, bytes));
+    tracing::debug!(room = id, seq = head.seq, updates = updates.len(), "yjs: room loaded");
+    Ok(room)
+}
+
+/// The session joins its loaded room and gets the relay's sync step 1 (so
+/// that it sends what the relay lacks) and the awareness states.
+fn enter(shard: &Shard, session: &Session, room: &Rc<Room>) {
+    if !session.is_open() {
+        return;
+    }
     let Some(who) = session.info.identity.clone() else { return };
-    let room = shard.room(&session.info.document);
     let color = session.info.color.clone().unwrap_or_else(|| crate::auth::palette_color(&who.user_id).to_string());
     let participant =
         Participant { connection_id: session.info.id, user_id: who.user_id, user_name: who.user_name, color };
@@ -151,11 +306,7 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
                     Ok(false) => continue,
                     Ok(true) => {}
                 }
-                // Encoded once, for every other client of the room.
-                let hub = &room.hub;
-                shard.stats().operations.add(1);
-                shard.stats().broadcasts.add(1);
-                hub.publish_op(hub.seq() + 1, session.info.id, frame(&Message::Sync(SyncMessage::Update(update))));
+                store_and_pass_on(shard, session, &room, update);
             }
             Message::Awareness(update) => {
                 {
@@ -184,6 +335,37 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
             Message::Auth(_) | Message::Custom(..) => {}
         }
     }
+}
+
+/// An applied update: stored, then passed on to every other client of the
+/// room, encoded once. If the store refuses it, it is passed on all the
+/// same (the room has it, and a client that joins would get it), the sender
+/// is told, and the room's whole state is stored once the store takes
+/// records again.
+fn store_and_pass_on(shard: &Shard, session: &Session, room: &Rc<Room>, update: Vec<u8>) {
+    let hub = &room.hub;
+    let seq = hub.assign_seq();
+    let ticket = match shard.store.append(&room.key, hub.epoch, RecordKind::Op, seq, &update) {
+        Ok(ticket) => {
+            hub.last_ticket.set(ticket);
+            room.note_appended(shard, update.len());
+            ticket
+        }
+        Err(e) => {
+            not_stored(shard, session, room, &e.to_string());
+            0 // published in its turn, behind what waits to be stored
+        }
+    };
+    let what = Committed::Update { room: room.clone(), seq, frame: frame(&Message::Sync(SyncMessage::Update(update))) };
+    super::handlers::commit_or_defer(shard, session, hub.clone(), ticket, what);
+}
+
+/// An update the store refused or failed to write: the room stores its
+/// whole state later, and the sender hears why.
+pub(super) fn not_stored(shard: &Shard, session: &Session, room: &Room, why: &str) {
+    shard.stats().store_refusals.add(1);
+    room.dirty.set(true);
+    refuse(shard, session, &format!("{why}: the update was applied and passed on, and is stored with the room later"));
 }
 
 /// Decodes and applies an update; false: it holds nothing (no change to
@@ -237,6 +419,34 @@ pub(super) fn leave(shard: &Shard, session: &Session) {
     tracing::debug!(id = session.info.id, awareness_removed = gone.len(), "yjs: left the room");
     if !gone.is_empty() {
         room.hub.publish_presence(session.info.id, frame(&Message::Awareness(AwarenessUpdate { clients: gone })));
+    }
+}
+
+/// The ticker's round over the rooms: stores the state of a room that needs
+/// it (storage refused something, or an idle room has unmerged updates,
+/// so that it loads from one record), and frees a room without clients for
+/// `after` once everything of it is written.
+pub(super) fn tick(shard: &Shard, now: std::time::Instant, after: std::time::Duration) {
+    if shard.log.is_none() {
+        // In memory only: nothing to store, and the room's state dies with it.
+        shard.rooms.borrow_mut().retain(|_, room| {
+            room.hub.subscriber_count() > 0 || room.hub.empty_since.get().is_none_or(|t| now - t < after)
+        });
+        return;
+    }
+    let rooms: Vec<Rc<Room>> = shard.rooms.borrow().values().cloned().collect();
+    for room in rooms {
+        let idle = room.hub.subscriber_count() == 0 && room.hub.empty_since.get().is_some_and(|t| now - t >= after);
+        let t = room.merged_ticket.get();
+        let merge_lost = t > shard.store.stored() && t <= shard.store.failed();
+        if room.dirty.get() || merge_lost || idle && room.unmerged.get().0 > 0 {
+            room.merge(shard);
+        }
+        let settled = !room.dirty.get() && !room.hub.storing() && room.hub.last_ticket.get() <= shard.store.written();
+        if idle && settled && room.unmerged.get().0 == 0 {
+            shard.rooms.borrow_mut().remove(&*room.hub.id);
+            tracing::debug!(room = %room.hub.id, "yjs: idle room freed");
+        }
     }
 }
 

@@ -4,11 +4,29 @@
 //! would need it: one of the last `window` operations of its document, or
 //! its document's latest snapshot. A segment without live records is
 //! deleted (compaction).
+//!
+//! A Yjs room's history ([`yjs_key`]) is *merged*: its snapshot is the room's
+//! whole state as one update, and every update after that snapshot is live
+//! however many there are (recovery applies them all); an update up to the
+//! snapshot's seq is dead. The room bounds them by writing a new snapshot.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::record::Kind;
 use super::Epoch;
+
+/// The store key of the Yjs room `room` (`/yjs/{room}`): a namespace of its
+/// own, since no document id holds a `/`. Rooms are placed on cores by it.
+pub fn yjs_key(room: &str) -> String {
+    format!("{YJS_PREFIX}{room}")
+}
+
+const YJS_PREFIX: &str = "yjs/";
+
+/// Whether a store key is a Yjs room's (merged history).
+pub fn is_merged(document: &str) -> bool {
+    document.starts_with(YJS_PREFIX)
+}
 
 /// Where a record is: its segment, its offset there, its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +95,8 @@ impl Index {
     pub fn add(&mut self, document: &str, kind: Kind, epoch: Epoch, seq: u64, loc: Loc) {
         let segments = &mut self.segments;
         segments.entry(loc.segment).or_default().live += 1;
+        let merged = is_merged(document);
+        let window = if merged { usize::MAX } else { self.window };
         let doc = match self.docs.get_mut(document) {
             Some(d) => d,
             None => {
@@ -106,7 +126,7 @@ impl Index {
                 } else {
                     Self::release(segments, loc);
                 }
-                while doc.ops.len() > self.window {
+                while doc.ops.len() > window {
                     let old = doc.ops.pop_front().expect("longer than the window");
                     Self::release(segments, old);
                 }
@@ -124,6 +144,13 @@ impl Index {
                     }
                 }
             },
+        }
+        // A merged history needs only the updates after its snapshot.
+        if let (true, Some((s, _))) = (merged, doc.snapshot) {
+            while !doc.ops.is_empty() && doc.oldest() <= s {
+                let old = doc.ops.pop_front().expect("not empty");
+                Self::release(segments, old);
+            }
         }
         // A snapshot ahead of every operation left (they were lost to
         // damage): the document resumes after the snapshot, never before.
@@ -188,6 +215,29 @@ mod tests {
         ix.add("d", Kind::Snapshot, Epoch(1), 5, loc(1, 1));
         let d = &ix.docs["d"];
         assert_eq!((d.seq, d.oldest()), (5, 6));
+    }
+
+    #[test]
+    fn a_merged_history_keeps_every_update_after_its_snapshot_and_none_before() {
+        let mut ix = Index::new(2);
+        let room = yjs_key("r");
+        for seq in 1..=5 {
+            ix.add(&room, Kind::Op, Epoch(1), seq, loc(seq, 0));
+        }
+        // No window: all five live.
+        assert!(ix.dead_segments(None).is_empty());
+        ix.add(&room, Kind::Snapshot, Epoch(1), 3, loc(6, 0));
+        assert_eq!(ix.dead_segments(None), vec![1, 2, 3]);
+        ix.add(&room, Kind::Op, Epoch(1), 6, loc(7, 0));
+        let d = &ix.docs[room.as_str()];
+        assert_eq!((d.seq, d.oldest(), d.snapshot.map(|s| s.0)), (6, 4, Some(3)));
+        // A snapshot of everything leaves no update live, and keeps the seq.
+        ix.add(&room, Kind::Snapshot, Epoch(1), 6, loc(8, 0));
+        let d = &ix.docs[room.as_str()];
+        assert_eq!((d.seq, d.oldest(), d.ops.len()), (6, 7, 0));
+        assert_eq!(ix.dead_segments(None), vec![1, 2, 3, 4, 5, 6, 7]);
+        // The same id as a document is another history, with the window.
+        assert!(!is_merged("r") && is_merged(&room));
     }
 
     #[test]
