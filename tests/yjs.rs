@@ -360,3 +360,94 @@ fn an_idle_room_is_freed_and_loaded_again_from_the_log() {
     assert_eq!(c.text(), "kept");
     assert!(relay.log().contains("yjs: room loaded"), "{}", relay.log());
 }
+
+// ---------------------------------------------------------------------------
+// Cluster mode: relays on one real Redis serve one room.
+
+/// A node on `redis_url`, pinned to one of this process's CPUs (round
+/// robin, so that two nodes do not share one), merging a room's state every
+/// 10 updates.
+fn node(tmp: &TempDir, name: &str, nth: usize, redis_url: &str) -> Proc {
+    let cpus = docrelay::Cores::All.resolve().expect("the CPU affinity of the test process");
+    let cpu = cpus[nth % cpus.len()].to_string();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n\n[cluster]\nredis_url = \"{redis_url}\"\nnode_id = \"{name}\"\n\n\
+         [documents]\nyjs_compact_after = 10\n"
+    );
+    Proc::serve(&tmp.file(&format!("{name}.toml"), &text), &cpu)
+}
+
+fn awareness(ws: &mut Client, client: u64, json: &str, clock: u32) {
+    use yrs::sync::awareness::AwarenessUpdateEntry;
+    let clients = [(client, AwarenessUpdateEntry { clock, json: json.into() })].into_iter().collect();
+    send(ws, &Message::Awareness(yrs::sync::AwarenessUpdate { clients }));
+}
+
+#[test]
+fn relays_on_one_redis_serve_one_room() {
+    let redis = common::redis::Redis::start();
+    let tmp = TempDir::new("yjs-cluster");
+    let (mut node_a, mut node_b) = (node(&tmp, "a", 0, &redis.url()), node(&tmp, "b", 1, &redis.url()));
+    let mut a = Peer::join(node_a.addr, "shared", "ada");
+    let mut b = Peer::join(node_b.addr, "shared", "bob");
+    // Concurrent edits on two nodes converge.
+    for _ in 0..30 {
+        a.insert(0, "a");
+        b.insert(0, "b");
+    }
+    a.updates(30);
+    b.updates(30);
+    assert_eq!(a.text(), b.text(), "converged");
+    assert_eq!(a.text().matches('a').count(), 30);
+    assert_eq!(a.text().len(), 60);
+    // Awareness crosses nodes, and its removal when the connection ends.
+    awareness(&mut a.ws, 4242, r#"{"user":{"name":"Ada"}}"#, 1);
+    let seen = b.until(|m| matches!(m, Message::Awareness(u) if u.clients.contains_key(&4242)));
+    let Message::Awareness(u) = seen else { unreachable!() };
+    assert!(u.clients[&4242].json.contains("Ada"));
+    // A late client on either node gets the document and Ada's cursor.
+    let late = connect(node_b.addr, "/yjs/shared?token=cy");
+    let mut c = Peer { ws: late, doc: Doc::new() };
+    send(&mut c.ws, &Message::Sync(SyncMessage::SyncStep1(c.doc.transact().state_vector())));
+    c.until(|m| matches!(m, Message::Awareness(u) if u.clients.contains_key(&4242)));
+    c.until(|m| matches!(m, Message::Sync(SyncMessage::SyncStep2(_))));
+    assert_eq!(c.text(), a.text());
+    drop(a);
+    let gone =
+        b.until(|m| matches!(m, Message::Awareness(u) if u.clients.get(&4242).is_some_and(|e| &*e.json == "null")));
+    assert!(matches!(gone, Message::Awareness(_)));
+    // Merged states are stored in Redis, and the stream is trimmed behind them.
+    let key = "docrelay:{yjs/shared}";
+    let merged: u64 =
+        redis.command(&["HGET", &format!("{key}:snap"), "seq"]).text().unwrap_or_default().parse().unwrap_or(0);
+    assert!(merged >= 50, "merged state at seq {merged}");
+    let xlen: u64 = redis.command(&["XLEN", &format!("{key}:ops")]).text().unwrap().parse().unwrap();
+    assert!(xlen <= 60 - merged, "{xlen} updates in the stream behind a merged state at {merged}");
+    // Both nodes killed: a new one loads the room from Redis.
+    b.insert(0, "!");
+    c.updates(1);
+    node_a.kill();
+    node_b.kill();
+    let node_c = node(&tmp, "c", 0, &redis.url());
+    let d = Peer::join(node_c.addr, "shared", "dee");
+    assert_eq!(d.text(), b.text(), "a node started later has the whole room");
+    assert!(d.text().starts_with('!') && d.text().len() == 61);
+    // And the same id on /ws/documents/ is another document there.
+    assert_eq!(redis.command(&["EXISTS", "docrelay:{shared}:meta"]).text().as_deref(), Some("0"));
+    // Redis loses everything: the node gives the new history its state,
+    // and closes its clients (1001) so that they reconnect and sync again.
+    let mut d = d;
+    redis.command(&["FLUSHALL"]);
+    set_timeout(&d.ws, Duration::from_secs(15));
+    let (code, reason) = loop {
+        match d.ws.read() {
+            Ok(Ws::Close(Some(f))) => break (u16::from(f.code), f.reason.to_string()),
+            Ok(_) => continue,
+            Err(e) => panic!("no close after FLUSHALL: {e}"),
+        }
+    };
+    assert_eq!(code, 1001, "{reason}");
+    let e = Peer::join(node_c.addr, "shared", "eve");
+    assert_eq!(e.text(), b.text(), "the room's state went into its new history");
+    assert!(node_c.log().contains("history in Redis started again"), "{}", node_c.log());
+}

@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::protocol::encode::OPERATION_PREFIX;
 use crate::protocol::Participant;
 use crate::registry::ConnectionManager as Registry;
+use crate::store::index::is_merged;
 use crate::store::Epoch;
 use crate::ws::OutFrame;
 
@@ -138,6 +139,10 @@ struct Settings {
     node_timeout: Duration,
     stream_max_ops: usize,
     history_ops: usize,
+    /// The stream length of a Yjs room, and the updates a load reads: a
+    /// room is loaded from its merged state and every update after it, and
+    /// a merged state is stored every `documents.yjs_compact_after` updates.
+    yjs_stream: usize,
 }
 
 /// Connects to Redis, takes this node's number and starts the bridge
@@ -151,6 +156,10 @@ pub fn start(config: &Config, cores: usize, registry: Arc<Registry>) -> Result<B
         node_timeout: Duration::from_millis(c.node_timeout_ms),
         stream_max_ops: c.stream_max_ops.unwrap_or(config.documents.history_ops),
         history_ops: config.documents.history_ops,
+        yjs_stream: c
+            .stream_max_ops
+            .unwrap_or(config.documents.history_ops)
+            .max(config.documents.yjs_compact_after.saturating_mul(4).try_into().unwrap_or(usize::MAX)),
     };
     let (requests, requests_rx) = flume::bounded(c.queue.saturating_mul(cores).max(1));
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cores).map(|_| flume::bounded(EVENT_QUEUE)).unzip();
@@ -702,15 +711,19 @@ impl Inner {
                 Request::Append { document, epoch, origin, suffix, core, session, client_op_id } => {
                     let (meta, ops, snap, ch) =
                         (keys::meta(document), keys::ops(document), keys::snapshot(document), keys::channel(document));
-                    let (epoch, origin, maxlen) =
-                        (epoch.to_string(), origin.to_string(), self.s.stream_max_ops.to_string());
+                    // A Yjs room's frame is the update message alone (no seq in it).
+                    let (prefix, maxlen) = match is_merged(document) {
+                        true => (&b""[..], self.s.yjs_stream),
+                        false => (OPERATION_PREFIX.as_bytes(), self.s.stream_max_ops),
+                    };
+                    let (epoch, origin, maxlen) = (epoch.to_string(), origin.to_string(), maxlen.to_string());
                     let cmd = evalsha(
                         Batch::Append,
                         &[&meta, &ops, &snap, &ch],
                         &[
                             epoch.as_bytes(),
                             origin.as_bytes(),
-                            OPERATION_PREFIX.as_bytes(),
+                            prefix,
                             suffix,
                             maxlen.as_bytes(),
                             new.as_bytes(),
@@ -727,12 +740,14 @@ impl Inner {
                     push(Some(document), Some(Batch::Append), cmd, answer);
                 }
                 Request::Snapshot { document, epoch, seq, state, core, session } => {
-                    let (meta, snap, ch) = (keys::meta(document), keys::snapshot(document), keys::channel(document));
+                    let (meta, snap, ch, ops) =
+                        (keys::meta(document), keys::snapshot(document), keys::channel(document), keys::ops(document));
                     let (epoch, seq_text) = (epoch.to_string(), seq.to_string());
+                    let merged: &[u8] = if is_merged(document) { b"1" } else { b"0" };
                     let cmd = evalsha(
                         Batch::Snapshot,
-                        &[&meta, &snap, &ch],
-                        &[epoch.as_bytes(), seq_text.as_bytes(), state.as_bytes()],
+                        &[&meta, &snap, &ch, &ops],
+                        &[epoch.as_bytes(), seq_text.as_bytes(), state.as_bytes(), merged],
                     );
                     let answer =
                         Answer::Snapshot { core: *core, session: *session, seq: *seq, document: document.clone() };
@@ -916,7 +931,8 @@ impl Inner {
         let new = Epoch::random().to_string();
         let (meta, ops, snap) = (keys::meta(document), keys::ops(document), keys::snapshot(document));
         pipe.add_command(eval(scripts::LOAD, &[&meta, &ops, &snap], &[new.as_bytes()]));
-        pipe.cmd("XREVRANGE").arg(&ops).arg("+").arg("-").arg("COUNT").arg(self.s.history_ops.max(1));
+        let limit = if is_merged(document) { self.s.yjs_stream } else { self.s.history_ops }.max(1);
+        pipe.cmd("XREVRANGE").arg(&ops).arg("+").arg("-").arg("COUNT").arg(limit);
         pipe.cmd("HMGET").arg(&snap).arg("seq").arg("state");
         pipe.cmd("HGETALL").arg(keys::members(document));
         let mut conn = self.conn.clone();
@@ -939,7 +955,7 @@ impl Inner {
             if s > want {
                 continue;
             }
-            if s != want || want == 0 || ops.len() >= self.s.history_ops {
+            if s != want || want == 0 || ops.len() >= limit {
                 break;
             }
             ops.push(frame);

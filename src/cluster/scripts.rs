@@ -18,7 +18,8 @@ return {e, tonumber(redis.call('HGET', KEYS[1], 'seq') or 0)}
 "#;
 
 /// Sequence one operation. KEYS: meta, ops, snap, channel.
-/// ARGV: epoch, origin, frame prefix, frame suffix, stream length, the epoch
+/// ARGV: epoch, origin, frame prefix, frame suffix (the frame is prefix, seq,
+/// suffix; with no prefix, the suffix alone), stream length, the epoch
 /// to start if Redis lost the document, the operation's token, and "1" when
 /// it is sent again after a lost reply (then an entry with its token among
 /// the stream's last 1000 is its answer: it is not appended twice).
@@ -44,14 +45,17 @@ if ARGV[8] == '1' then
   end
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local frame = ARGV[3] .. seq .. ARGV[4]
+local frame = ARGV[4]
+if ARGV[3] ~= '' then frame = ARGV[3] .. seq .. ARGV[4] end
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'f', frame, 'o', ARGV[2], 'k', ARGV[7])
 redis.call('PUBLISH', KEYS[4], 'o ' .. e .. ' ' .. seq .. ' ' .. ARGV[2] .. ' ' .. frame)
 return {seq, e}
 "#;
 
 /// Store a snapshot if it is newer than the held one. KEYS: meta, snap,
-/// channel. ARGV: epoch, seq, state. Returns `{1, seq}` (stored or older),
+/// channel, ops. ARGV: epoch, seq, state, and "1" when the snapshot is a
+/// Yjs room's merged state (then the stream's operations up to it, which
+/// it holds, are trimmed). Returns `{1, seq}` (stored or older),
 /// `{0, epoch}` (another epoch) or `{-1, seq}` (ahead of the document).
 pub const SNAPSHOT: &str = r#"
 local e = redis.call('HGET', KEYS[1], 'epoch')
@@ -63,6 +67,7 @@ local held = tonumber(redis.call('HGET', KEYS[2], 'seq') or -1)
 if s > held then
   redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'state', ARGV[3])
   redis.call('PUBLISH', KEYS[3], 's ' .. e .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+  if ARGV[4] == '1' then redis.call('XTRIM', KEYS[4], 'MINID', s + 1) end
 end
 return {1, cur}
 "#;

@@ -8,10 +8,11 @@ use std::rc::Rc;
 
 use serde_json::value::RawValue;
 
-use super::{Shard, Subscription};
+use super::{yjs, Mode, Shard, Subscription};
 use crate::cluster::{Event, JoinReply, Presence, Refusal, Request};
 use crate::document::{DocumentHub, Restored, Snapshot};
 use crate::protocol::{encode, ErrorCode, Participant};
+use crate::store::index::{is_merged, yjs_room_of};
 use crate::store::Epoch;
 use crate::ws::{Kind, OutFrame};
 
@@ -26,6 +27,58 @@ impl Shard {
     }
 
     fn on_cluster_event(&self, event: Event) {
+        if let Some(event) = self.on_room_event(event) {
+            self.on_document_event(event);
+        }
+    }
+
+    /// An event of a Yjs room (its key names it) goes to the room
+    /// (`session/yjs.rs`); any other is given back.
+    fn on_room_event(&self, event: Event) -> Option<Event> {
+        let room = |key: &str| yjs_room_of(key).map(str::to_string);
+        match event {
+            Event::Loaded { document, result } if is_merged(&document) => {
+                yjs::cluster_loaded(self, &room(&document)?, result)
+            }
+            Event::Op { document, epoch, seq, origin, frame } if is_merged(&document) => {
+                yjs::cluster_update(self, &room(&document)?, epoch, seq, origin, frame)
+            }
+            Event::Gap { document, epoch, to } if is_merged(&document) => {
+                yjs::cluster_gap(self, &room(&document)?, epoch, to)
+            }
+            Event::Reset { document, epoch } if is_merged(&document) => {
+                yjs::cluster_reset(self, &room(&document)?, epoch)
+            }
+            Event::Presence { document, origin, change } if is_merged(&document) => {
+                // Rooms have no members; awareness is their presence.
+                if let Presence::Cursor(message) = change {
+                    yjs::cluster_awareness(self, &room(&document)?, origin, &message);
+                }
+            }
+            Event::Members { document, .. } if is_merged(&document) => {}
+            Event::Snapshot { document, epoch, state, .. } if is_merged(&document) => {
+                yjs::cluster_merged_state(self, &room(&document)?, epoch, &state)
+            }
+            Event::Appended { session, result, .. } if self.yjs_session(session) => {
+                if let (Some(session), Err(r)) = (self.session(session), result) {
+                    yjs::cluster_refused(self, &session, &refusal_text(&r));
+                }
+            }
+            Event::SnapshotStored { session, result, .. } if self.yjs_session(session) => {
+                if let Err(r) = result {
+                    tracing::debug!(session, why = %refusal_text(&r), "yjs: Redis did not store a room's merged state");
+                }
+            }
+            event => return Some(event),
+        }
+        None
+    }
+
+    fn yjs_session(&self, id: u64) -> bool {
+        self.session(id).is_some_and(|s| s.info.mode == Mode::Yjs)
+    }
+
+    fn on_document_event(&self, event: Event) {
         match event {
             Event::Loaded { document, result } => self.cluster_loaded(&document, result),
             Event::Op { document, epoch, seq, origin, frame } => {

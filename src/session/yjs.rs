@@ -31,6 +31,7 @@ use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
 
 use super::shard::Committed;
 use super::{Session, Shard, Subscription};
+use crate::cluster::{Loaded, Request};
 use crate::document::{Capacity, DocumentHub, Restored};
 use crate::protocol::Participant;
 use crate::store::index::yjs_key;
@@ -58,6 +59,9 @@ pub(crate) struct Room {
     /// The store refused an update or a merged state: the whole state is to
     /// be stored (retried by the ticker until the store takes it).
     dirty: Cell<bool>,
+    /// Cluster mode: the session whose update Redis refused last (it hears
+    /// of a refusal of the state sent again).
+    last_refused: Cell<u64>,
 }
 
 /// A Yjs client id's latest awareness state: its clock, its JSON, and the
@@ -82,6 +86,7 @@ impl Room {
             merged_bytes: Cell::new(size),
             merged_ticket: Cell::new(0),
             dirty: Cell::new(false),
+            last_refused: Cell::new(0),
         }
     }
 
@@ -168,7 +173,7 @@ pub(super) fn start(shard: &Shard, session: &Rc<Session>) {
         return enter(shard, session, &room);
     }
     let key = yjs_key(id);
-    if shard.store.head(&key).is_none() {
+    if shard.cluster.is_none() && shard.store.head(&key).is_none() {
         let room = shard.add_room(id, Room::new(id, shard.capacity(), Doc::new(), Epoch::random(), 0));
         return enter(shard, session, &room);
     }
@@ -180,9 +185,16 @@ pub(super) fn start(shard: &Shard, session: &Rc<Session>) {
         waiters.push(session.clone());
         waiters.len() == 1
     };
-    if first {
-        let shard = shard.rc();
-        shard.spawn_tracked(load(shard.clone(), id.clone()));
+    if !first {
+        return;
+    }
+    match &shard.cluster {
+        // Answered by the bridge's `Loaded` (`cluster_loaded`).
+        Some(cluster) => cluster.send(Request::Load { document: key.into(), core: shard.index }),
+        None => {
+            let shard = shard.rc();
+            shard.spawn_tracked(load(shard.clone(), id.clone()));
+        }
     }
 }
 
@@ -325,7 +337,12 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
                     }
                 }
                 shard.stats().broadcasts.add(1);
-                room.hub.publish_presence(session.info.id, frame(&Message::Awareness(update)));
+                let f = frame(&Message::Awareness(update));
+                if let Some(cluster) = &shard.cluster {
+                    let (document, connection_id) = (room.key.clone(), session.info.id);
+                    cluster.send(Request::Cursor { document, connection_id, frame: f.payload().into() });
+                }
+                room.hub.publish_presence(session.info.id, f);
             }
             Message::AwarenessQuery => {
                 if let Some(states) = room.awareness_states() {
@@ -344,6 +361,20 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
 /// records again.
 fn store_and_pass_on(shard: &Shard, session: &Session, room: &Rc<Room>, update: Vec<u8>) {
     let hub = &room.hub;
+    if let Some(cluster) = &shard.cluster {
+        // Redis gives it a seq, and every node (this one too) passes it on
+        // in seq order (`cluster_update`).
+        cluster.send(Request::Append {
+            document: room.key.clone(),
+            epoch: hub.epoch,
+            origin: session.info.id,
+            suffix: Message::Sync(SyncMessage::Update(update)).encode_v1().into(),
+            core: shard.index,
+            session: session.info.id,
+            client_op_id: None,
+        });
+        return;
+    }
     let seq = hub.assign_seq();
     let ticket = match shard.store.append(&room.key, hub.epoch, RecordKind::Op, seq, &update) {
         Ok(ticket) => {
@@ -418,7 +449,12 @@ pub(super) fn leave(shard: &Shard, session: &Session) {
     };
     tracing::debug!(id = session.info.id, awareness_removed = gone.len(), "yjs: left the room");
     if !gone.is_empty() {
-        room.hub.publish_presence(session.info.id, frame(&Message::Awareness(AwarenessUpdate { clients: gone })));
+        let f = frame(&Message::Awareness(AwarenessUpdate { clients: gone }));
+        if let Some(cluster) = &shard.cluster {
+            let (document, connection_id) = (room.key.clone(), session.info.id);
+            cluster.send(Request::Cursor { document, connection_id, frame: f.payload().into() });
+        }
+        room.hub.publish_presence(session.info.id, f);
     }
 }
 
@@ -427,6 +463,20 @@ pub(super) fn leave(shard: &Shard, session: &Session) {
 /// so that it loads from one record), and frees a room without clients for
 /// `after` once everything of it is written.
 pub(super) fn tick(shard: &Shard, now: std::time::Instant, after: std::time::Duration) {
+    if let Some(cluster) = &shard.cluster {
+        let rooms: Vec<Rc<Room>> = shard.rooms.borrow().values().cloned().collect();
+        for room in rooms {
+            if room.dirty.get() {
+                resend_state(shard, &room);
+            }
+            let idle = room.hub.subscriber_count() == 0 && room.hub.empty_since.get().is_some_and(|t| now - t >= after);
+            if idle && !room.dirty.get() {
+                shard.rooms.borrow_mut().remove(&*room.hub.id);
+                cluster.send(Request::Unfollow { document: room.key.clone() });
+            }
+        }
+        return;
+    }
     if shard.log.is_none() {
         // In memory only: nothing to store, and the room's state dies with it.
         shard.rooms.borrow_mut().retain(|_, room| {
@@ -454,4 +504,242 @@ pub(super) fn tick(shard: &Shard, now: std::time::Instant, after: std::time::Dur
 /// whole document (it merges what it has already).
 pub(super) fn resync_frame(shard: &Shard, session: &Session) -> Option<SharedFrame> {
     shard.existing_room(&session.info.document).map(|r| r.full_state())
+}
+
+// ---------------------------------------------------------------------------
+// Cluster mode (`docs/yjs.md`, "Cluster mode"): a room's updates go through
+// Redis as a document's operations do, under the room's key; every node
+// applies them in seq order and passes them on. Every
+// `documents.yjs_compact_after`-th update's node stores the room's merged
+// state (base64, as a snapshot); a node loads a room from it and the
+// updates after it.
+
+/// Applies the updates in one y-protocol message (sync step 2 or update);
+/// false if it held something that does not decode or apply.
+fn apply_message(doc: &Doc, message: &[u8]) -> bool {
+    let mut decoder = DecoderV1::from(message);
+    let mut ok = true;
+    for m in MessageReader::new(&mut decoder) {
+        match m {
+            Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u))) => {
+                ok &= Update::decode_v1(&u).is_ok_and(|u| doc.transact_mut().apply_update(u).is_ok());
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    ok
+}
+
+fn apply_state(doc: &Doc, state: &[u8]) -> bool {
+    Update::decode_v1(state).is_ok_and(|u| doc.transact_mut().apply_update(u).is_ok())
+}
+
+/// Applies `change` to the room's document, and passes on to its clients
+/// here whatever it brought that they may lack (on the presence ring: it
+/// has no seq of its own).
+fn merge_in(room: &Room, change: impl FnOnce(&Doc)) {
+    let before = room.doc.transact().state_vector();
+    change(&room.doc);
+    let diff = room.doc.transact().encode_state_as_update_v1(&before);
+    if !Update::decode_v1(&diff).is_ok_and(|u| u.is_empty()) {
+        room.hub.publish_presence(0, frame(&Message::Sync(SyncMessage::Update(diff))));
+    }
+}
+
+fn base64_state(room: &Room) -> Box<str> {
+    use base64::Engine;
+    let state = room.doc.transact().encode_state_as_update_v1(&StateVector::default());
+    base64::engine::general_purpose::STANDARD.encode(state).into()
+}
+
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// The room as Redis holds it (`Request::Load`): a new room, or, for a
+/// room reloaded after a gap, what it lacked merged in.
+pub(super) fn cluster_loaded(shard: &Shard, id: &str, result: Result<Loaded, String>) {
+    let waiters = shard.rooms_loading.borrow_mut().remove(id).unwrap_or_default();
+    let l = match result {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(room = id, core = shard.index, error = %e, "yjs: could not load a room from Redis");
+            for session in waiters {
+                session.begin_close(shard, crate::close::INTERNAL, "the room could not be loaded from Redis");
+                session.join_done();
+            }
+            return;
+        }
+    };
+    let doc = Doc::new();
+    let mut skipped = 0;
+    let merged_seq = match &l.snapshot {
+        Some((seq, state)) => {
+            if !unbase64(state).is_some_and(|s| apply_state(&doc, &s)) {
+                skipped += 1;
+            }
+            *seq
+        }
+        None => 0,
+    };
+    let first = l.seq + 1 - l.ops.len() as u64;
+    if first > merged_seq + 1 {
+        tracing::warn!(room = id, from = merged_seq + 1, first, "yjs: updates of the room were gone from Redis");
+    }
+    for f in l.ops {
+        if !apply_message(&doc, OutFrame::finish(Kind::Binary, f).payload()) {
+            skipped += 1;
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(room = id, skipped, "yjs: updates of the room in Redis that do not apply were skipped");
+    }
+    let room = match shard.existing_room(id).filter(|r| r.hub.epoch == l.epoch) {
+        Some(room) => {
+            let state = doc.transact().encode_state_as_update_v1(&StateVector::default());
+            merge_in(&room, |d| {
+                apply_state(d, &state);
+            });
+            room.hub.skip_to(l.seq);
+            room
+        }
+        None => shard.add_room(id, Room::new(id, shard.capacity(), doc, l.epoch, l.seq)),
+    };
+    tracing::debug!(room = id, seq = l.seq, "yjs: room loaded from Redis");
+    for session in waiters {
+        enter(shard, &session, &room);
+        session.join_done();
+    }
+}
+
+/// The next update of a room, from Redis (this node's own too): applied
+/// (a no-op for the node that sent it) and passed on.
+pub(super) fn cluster_update(shard: &Shard, id: &str, epoch: Epoch, seq: u64, origin: u64, frame: Vec<u8>) {
+    let Some(room) = shard.existing_room(id).filter(|r| r.hub.epoch == epoch) else { return };
+    let hub = &room.hub;
+    if seq <= hub.seq() {
+        return;
+    }
+    if seq > hub.seq() + 1 {
+        hub.skip_to(seq - 1);
+    }
+    let frame = Rc::new(OutFrame::finish(Kind::Binary, frame));
+    if !apply_message(&room.doc, frame.payload()) {
+        tracing::warn!(room = id, seq, "yjs: an update from Redis does not apply; passed on as it is");
+    }
+    shard.stats().operations.add(1);
+    shard.stats().broadcasts.add(1);
+    hub.publish_op(seq, origin, frame);
+    // The node of the session that sent every n-th update stores the
+    // merged state: it has applied every update up to it.
+    let n = shard.config.documents.yjs_compact_after.max(1);
+    if seq.is_multiple_of(n) && shard.session(origin).is_some() {
+        if let Some(cluster) = &shard.cluster {
+            let state = base64_state(&room);
+            let (document, core) = (room.key.clone(), shard.index);
+            cluster.send(Request::Snapshot { document, epoch, seq, state, core, session: origin });
+        }
+    }
+}
+
+/// Updates up to `to` were gone from Redis's stream before this node got
+/// them: the room goes on after them, and loads again to get them (merged
+/// into the state it stores).
+pub(super) fn cluster_gap(shard: &Shard, id: &str, epoch: Epoch, to: u64) {
+    let Some(room) = shard.existing_room(id).filter(|r| r.hub.epoch == epoch) else { return };
+    room.hub.skip_to(to);
+    if let Some(cluster) = &shard.cluster {
+        cluster.send(Request::Load { document: room.key.clone(), core: shard.index });
+    }
+}
+
+/// Redis lost the room and it started again (a new epoch): this node hands
+/// its whole state to the new history, as one update, and its clients are
+/// closed (1001) so that they reconnect and sync both ways again.
+pub(super) fn cluster_reset(shard: &Shard, id: &str, epoch: Epoch) {
+    let Some(room) = shard.existing_room(id).filter(|r| r.hub.epoch != epoch) else { return };
+    let Some(cluster) = &shard.cluster else { return };
+    let state = room.doc.transact().encode_state_as_update_v1(&StateVector::default());
+    let suffix = Message::Sync(SyncMessage::Update(state)).encode_v1().into();
+    let document = room.key.clone();
+    cluster.send(Request::Append {
+        document: document.clone(),
+        epoch,
+        origin: 0,
+        suffix,
+        core: shard.index,
+        session: 0,
+        client_op_id: None,
+    });
+    shard.rooms.borrow_mut().remove(id);
+    cluster.send(Request::Unfollow { document });
+    tracing::warn!(room = id, %epoch, "yjs: the room's history in Redis started again; its clients reconnect");
+    for session in shard.all_sessions() {
+        let here = session.sub.borrow().as_ref().is_some_and(|s| Rc::ptr_eq(&s.hub, &room.hub));
+        if here {
+            session.begin_close(shard, crate::close::GOING_AWAY, "the room's history started again; reconnect");
+        }
+    }
+}
+
+/// Awareness from a session of another node: kept (that session is the
+/// owner of the client ids it announced) and passed on.
+pub(super) fn cluster_awareness(shard: &Shard, id: &str, origin: u64, message: &[u8]) {
+    let Some(room) = shard.existing_room(id) else { return };
+    let mut decoder = DecoderV1::from(message);
+    let Some(Ok(Message::Awareness(update))) = MessageReader::new(&mut decoder).next() else { return };
+    {
+        let mut states = room.awareness.borrow_mut();
+        for (&client, entry) in &update.clients {
+            if &*entry.json == "null" {
+                states.remove(&client);
+            } else {
+                let owner = states.get(&client).map_or(origin, |s| s.2);
+                states.insert(client, (entry.clock, entry.json.clone(), owner));
+            }
+        }
+    }
+    shard.stats().broadcasts.add(1);
+    room.hub.publish_presence(origin, Rc::new(OutFrame::new(Kind::Binary, message)));
+}
+
+/// A merged state some node stored: what it holds that this node lacks
+/// (an update Redis refused) is merged in and passed on.
+pub(super) fn cluster_merged_state(shard: &Shard, id: &str, epoch: Epoch, state: &str) {
+    let Some(room) = shard.existing_room(id).filter(|r| r.hub.epoch == epoch) else { return };
+    let Some(state) = unbase64(state) else { return };
+    merge_in(&room, |d| {
+        apply_state(d, &state);
+    });
+}
+
+/// Redis did not take a session's update (or the merged state it was to
+/// store): the sender hears why, and the room sends its whole state again
+/// (an update that changes nothing it had) until Redis takes it.
+pub(super) fn cluster_refused(shard: &Shard, session: &Session, why: &str) {
+    shard.stats().store_refusals.add(1);
+    if let Some(room) = shard.existing_room(&session.info.document) {
+        room.dirty.set(true);
+        room.last_refused.set(session.info.id);
+    }
+    refuse(shard, session, &format!("{why}: the update is sent again with the room's state"));
+}
+
+/// Sends the room's whole state as one update, after a refusal.
+fn resend_state(shard: &Shard, room: &Room) {
+    let Some(cluster) = &shard.cluster else { return };
+    room.dirty.set(false);
+    let state = room.doc.transact().encode_state_as_update_v1(&StateVector::default());
+    let session = room.last_refused.get();
+    cluster.send(Request::Append {
+        document: room.key.clone(),
+        epoch: room.hub.epoch,
+        origin: 0,
+        suffix: Message::Sync(SyncMessage::Update(state)).encode_v1().into(),
+        core: shard.index,
+        session,
+        client_op_id: None,
+    });
 }

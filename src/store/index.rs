@@ -23,6 +23,11 @@ pub fn yjs_key(room: &str) -> String {
 
 const YJS_PREFIX: &str = "yjs/";
 
+/// The room of a Yjs room's store key.
+pub fn yjs_room_of(key: &str) -> Option<&str> {
+    key.strip_prefix(YJS_PREFIX)
+}
+
 /// Whether a store key is a Yjs room's (merged history).
 pub fn is_merged(document: &str) -> bool {
     document.starts_with(YJS_PREFIX)
