@@ -5,7 +5,9 @@ import assert from "node:assert/strict";
 import * as Y from "yjs";
 import { WebsocketProvider } from "y-websocket";
 import WebSocket from "ws";
-import { startRelay, waitFor, sleep } from "./support.js";
+import { createHmac } from "node:crypto";
+import { startRelay, waitFor, sleep, tempDir, cleanup } from "./support.js";
+import { startRedis } from "../test-support/redis.js";
 
 const cleanups = [];
 after(async () => {
@@ -109,4 +111,85 @@ test("a garbage update is refused and never reaches the others; the room goes on
   await waitFor(() => b.text.toString() === "hello world", 5000, "b has the document, without the garbage");
   assert.equal(a.text.toString(), "hello world");
   raw.close();
+});
+
+test("kill -9 and a restart keep the document; the providers reconnect and go on", async () => {
+  const dir = tempDir();
+  cleanups.push(() => cleanup(dir));
+  const config = `[storage]\ndir = "${dir}/wal"\n`;
+  let relay = await startRelay({ config, dir });
+  cleanups.push(() => relay.kill());
+  const a = provider(relay, "durable", "ada");
+  const b = provider(relay, "durable", "bob");
+  await Promise.all([synced(a.p), synced(b.p)]);
+  for (let i = 0; i < 100; i++) a.text.insert(a.text.length, `line ${i}\n`);
+  // The relay passes an update on once it is stored: b has them all, so has the log.
+  await waitFor(() => b.text.toString() === a.text.toString(), 10000, "b has a's 100 inserts");
+  const before = a.text.toString();
+  await relay.kill();
+  relay = await startRelay({ config, dir, listen: `127.0.0.1:${relay.port}` });
+  // A provider with an empty document gets the whole of it.
+  const c = provider(relay, "durable", "cy");
+  await synced(c.p);
+  await waitFor(() => c.text.toString() === before, 10000, "the new provider has the document after kill -9");
+  // The old providers reconnected by themselves, and edit on.
+  await waitFor(() => a.p.wsconnected && b.p.wsconnected, 15000, "a and b reconnected");
+  a.text.insert(0, "after\n");
+  await waitFor(() => c.text.toString().startsWith("after\n") && b.text.toString() === c.text.toString(), 10000, "a's edit after the restart");
+});
+
+function jwt(secret, claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
+test("a read-only token receives the document and awareness but cannot change the document", async () => {
+  const secret = "node-yjs-secret";
+  const relay = await startRelay({ config: `[auth]\nmode = "jwt"\njwt_secret = "${secret}"\n` });
+  cleanups.push(() => relay.kill());
+  const exp = Math.floor(Date.now() / 1000) + 600;
+  const a = provider(relay, "ro", jwt(secret, { sub: "ada", exp }));
+  await synced(a.p);
+  a.text.insert(0, "by ada");
+  const r = provider(relay, "ro", jwt(secret, { sub: "rita", exp, mode: "read" }));
+  await synced(r.p);
+  await waitFor(() => r.text.toString() === "by ada", 5000, "the reader has the document");
+  r.text.insert(0, "rita was here ");
+  a.text.insert(6, "!");
+  await waitFor(() => r.text.toString().endsWith("by ada!"), 5000, "the reader goes on receiving");
+  // A third provider: the relay's document has no trace of the reader's insert.
+  const c = provider(relay, "ro", jwt(secret, { sub: "cy", exp }));
+  await synced(c.p);
+  await waitFor(() => c.text.toString() === "by ada!", 5000, "the relay's document is unchanged by the reader");
+  await sleep(300);
+  assert.equal(a.text.toString(), "by ada!", "the reader's insert never reached a");
+});
+
+test("two relays on one Redis serve one document", async () => {
+  const redis = await startRedis();
+  cleanups.push(() => redis.cleanup());
+  const node = (name) => startRelay({ config: `[cluster]\nredis_url = "${redis.url}"\nnode_id = "${name}"\n` });
+  const [r1, r2] = await Promise.all([node("n1"), node("n2")]);
+  cleanups.push(() => r1.kill(), () => r2.kill());
+  const a = provider(r1, "shared", "ada");
+  const b = provider(r2, "shared", "bob");
+  await Promise.all([synced(a.p), synced(b.p)]);
+  for (let i = 0; i < 40; i++) {
+    a.text.insert(0, "a");
+    b.text.insert(0, "b");
+  }
+  await waitFor(() => a.text.length === 80 && b.text.length === 80, 10000, "each has both relays' inserts");
+  assert.equal(a.text.toString(), b.text.toString(), "converged across relays");
+  a.p.awareness.setLocalStateField("user", { name: "Ada" });
+  await waitFor(() => [...b.p.awareness.getStates().values()].some((s) => s.user && s.user.name === "Ada"), 5000, "Ada's awareness on the other relay");
+  // A late provider on either relay has everything.
+  const c = provider(r2, "shared", "cy");
+  const d = provider(r1, "shared", "dee");
+  await Promise.all([synced(c.p), synced(d.p)]);
+  await waitFor(() => c.text.toString() === a.text.toString() && d.text.toString() === a.text.toString(), 5000, "late providers");
+  // a's connection is cut: its awareness disappears on the other relay too.
+  a.p.shouldConnect = false;
+  a.p.ws.terminate();
+  await waitFor(() => ![...c.p.awareness.getStates().values()].some((s) => s.user && s.user.name === "Ada"), 5000, "Ada gone on relay 2");
 });
