@@ -451,3 +451,56 @@ fn relays_on_one_redis_serve_one_room() {
     assert_eq!(e.text(), b.text(), "the room's state went into its new history");
     assert!(node_c.log().contains("history in Redis started again"), "{}", node_c.log());
 }
+
+// ---------------------------------------------------------------------------
+// A client that falls behind the ring
+
+#[test]
+fn a_client_that_falls_behind_is_resynced_with_a_diff_not_the_whole_document() {
+    let mut c = config();
+    c.documents.ring_capacity = 8;
+    let relay = relay(c);
+    let addr = relay.local_addr();
+    let mut w = Peer::join(addr, "lag", "writer");
+    // A large start, which the slow client gets when it joins.
+    w.insert(0, &"b".repeat(300_000));
+    let mut slow = {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        let stream: std::net::TcpStream = sock.into();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let url = format!("ws://{addr}/yjs/lag?token=slow");
+        let (ws, _) = tungstenite::client(url, tungstenite::stream::MaybeTlsStream::Plain(stream)).unwrap();
+        let mut p = Peer { ws, doc: Doc::new() };
+        send(&mut p.ws, &Message::Sync(SyncMessage::SyncStep1(p.doc.transact().state_vector())));
+        p.until(|m| matches!(m, Message::Sync(SyncMessage::SyncStep2(u)) if u.len() > 300_000));
+        p
+    };
+    assert_eq!(slow.text().len(), 300_000);
+    // The slow client stops reading while more than its socket buffers, the
+    // relay's and the ring can hold is written.
+    let wmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    let n = (wmem_max + (2 << 20)) / 4096 + 16;
+    let chunk = "x".repeat(4095) + "\n";
+    for _ in 0..n {
+        w.insert(0, &chunk);
+    }
+    let total = w.text().len();
+    // The slow client reads again: a resync (sync step 2) instead of the
+    // updates it missed, without the 300 KB it had.
+    let mut resyncs = Vec::new();
+    while slow.text().len() < total {
+        if let Message::Sync(SyncMessage::SyncStep2(u)) = slow.until(|m| matches!(m, Message::Sync(_))) {
+            resyncs.push(u.len());
+        }
+    }
+    assert!(!resyncs.is_empty(), "the slow client was never resynced: the test did not make it fall behind");
+    assert!(resyncs.iter().all(|&len| len < total - 250_000), "resyncs of {resyncs:?} bytes, the document is {total}");
+    assert_eq!(slow.text(), w.text());
+    assert!(metric_sum(addr, "docrelay_lagged_total", 1) >= 1);
+}

@@ -135,6 +135,10 @@ pub struct Session {
     /// meanwhile are held (in order) and handled after it.
     joining: Cell<bool>,
     held: RefCell<std::collections::VecDeque<Held>>,
+    /// A Yjs client: a state vector it has at least (what it said it had,
+    /// or the room's when it was last resynced), so that a resync after it
+    /// fell behind is a diff.
+    yjs_known: RefCell<Option<yrs::StateVector>>,
 }
 
 /// A message read while a join was loading its document.
@@ -164,6 +168,7 @@ impl Session {
             last_ping: Cell::new(now),
             joining: Cell::new(false),
             held: RefCell::new(std::collections::VecDeque::new()),
+            yjs_known: RefCell::new(None),
         };
         session.transition(Phase::Connected);
         session

@@ -127,12 +127,6 @@ impl Room {
         }
     }
 
-    /// The whole document as one update frame (sync step 2).
-    fn full_state(&self) -> SharedFrame {
-        let update = self.doc.transact().encode_state_as_update_v1(&StateVector::default());
-        frame(&Message::Sync(SyncMessage::SyncStep2(update)))
-    }
-
     /// Every awareness state held, as one message (None: there are none).
     fn awareness_states(&self) -> Option<SharedFrame> {
         let states = self.awareness.borrow();
@@ -294,8 +288,13 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
         };
         match message {
             Message::Sync(SyncMessage::SyncStep1(sv)) => {
-                // Exactly what the client lacks.
-                let diff = room.doc.transact().encode_state_as_update_v1(&sv);
+                // Exactly what the client lacks; then it has all the room has.
+                let txn = room.doc.transact();
+                let diff = txn.encode_state_as_update_v1(&sv);
+                let mut known = txn.state_vector();
+                known.merge(sv);
+                drop(txn);
+                session.yjs_known.borrow_mut().get_or_insert_with(StateVector::default).merge(known);
                 session.send(shard, frame(&Message::Sync(SyncMessage::SyncStep2(diff))));
             }
             Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
@@ -500,10 +499,18 @@ pub(super) fn tick(shard: &Shard, now: std::time::Instant, after: std::time::Dur
     }
 }
 
-/// What a Yjs client that fell behind the ring gets instead of a gap: the
-/// whole document (it merges what it has already).
+/// What a Yjs client that fell behind the ring gets instead of a gap: a
+/// diff of the room against what the client is known to have (what it said
+/// in its sync step 1 and the answer it got, or what it was sent at its
+/// last resync), which
+/// covers everything it missed; the whole document when nothing is known.
 pub(super) fn resync_frame(shard: &Shard, session: &Session) -> Option<SharedFrame> {
-    shard.existing_room(&session.info.document).map(|r| r.full_state())
+    let room = shard.existing_room(&session.info.document)?;
+    let mut known = session.yjs_known.borrow_mut();
+    let txn = room.doc.transact();
+    let diff = txn.encode_state_as_update_v1(known.as_ref().unwrap_or(&StateVector::default()));
+    *known = Some(txn.state_vector());
+    Some(frame(&Message::Sync(SyncMessage::SyncStep2(diff))))
 }
 
 // ---------------------------------------------------------------------------
