@@ -11,7 +11,9 @@
 #   DOCRELAY_BIN=/tmp/docrelay-release scripts/bench-yjs.sh --quick
 #
 # Options (each also read from the environment variable in brackets):
-#   --servers LIST      docrelay,y-websocket,hocuspocus (default: all three) [SERVERS]
+#   --servers LIST      docrelay,docrelay-durable,y-websocket,hocuspocus (default: all four;
+#                       docrelay-durable is docrelay with storage.dir: every update in the
+#                       write-ahead log, fsync "batch", before it is passed on) [SERVERS]
 #   --server-cpu N      CPU the server runs on (default 1); docrelay gets `cores = [N]` [SERVER_CPU]
 #   --load-cpu N        CPU the load generator runs on (default 0) [LOAD_CPU]
 #   --docs N            documents (rooms) typed in (default 20) [DOCS]
@@ -44,7 +46,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-SERVERS=${SERVERS:-docrelay,y-websocket,hocuspocus}
+SERVERS=${SERVERS:-docrelay,docrelay-durable,y-websocket,hocuspocus}
 SERVER_CPU=${SERVER_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 DOCS=${DOCS:-20}
@@ -91,7 +93,7 @@ if [ ! -d "$PKG/node_modules/yjs" ] || [ ! -d "$PKG/node_modules/@hocuspocus/ser
     npm ci --prefix "$PKG" --no-audit --no-fund --loglevel=error >&2
 fi
 case ",$SERVERS," in
-    *,docrelay,*) [ -x "$DOCRELAY_BIN" ] || { log "no relay binary at $DOCRELAY_BIN (set DOCRELAY_BIN; this script builds nothing)"; exit 1; } ;;
+    *,docrelay,*|*,docrelay-durable,*) [ -x "$DOCRELAY_BIN" ] || { log "no relay binary at $DOCRELAY_BIN (set DOCRELAY_BIN; this script builds nothing)"; exit 1; } ;;
 esac
 for cpu in "$SERVER_CPU" "$LOAD_CPU"; do
     taskset -c "$cpu" true 2>/dev/null || { log "CPU $cpu is not available here"; exit 1; }
@@ -122,6 +124,14 @@ cat > "$CONFIG" <<EOF
 # (auth.mode = "dev": any non-empty token; no storage: rooms in memory, as the other two).
 cores = [$SERVER_CPU]
 EOF
+DURABLE_CONFIG=$OUT/docrelay-durable.toml
+rm -rf "$OUT/wal"
+cat > "$DURABLE_CONFIG" <<EOF
+# scripts/bench-yjs.sh: as docrelay.toml, with the rooms' updates in the write-ahead log.
+cores = [$SERVER_CPU]
+[storage]
+dir = "$OUT/wal"
+EOF
 
 SERVER_PID=
 stop_server() {
@@ -140,9 +150,11 @@ start_server() {
     local which=$1 logf=$OUT/$1.server.log
     : > "$logf"
     case $which in
-        docrelay)
+        docrelay|docrelay-durable)
+            local config=$CONFIG
+            [ "$which" = docrelay ] || config=$DURABLE_CONFIG
             NO_COLOR=1 RUST_LOG=${RUST_LOG:-warn,docrelay::runtime=info} taskset -c "$SERVER_CPU" \
-                "$DOCRELAY_BIN" serve --config "$CONFIG" --listen 127.0.0.1:0 2> "$logf" &
+                "$DOCRELAY_BIN" serve --config "$config" --listen 127.0.0.1:0 2> "$logf" &
             ;;
         y-websocket|hocuspocus)
             taskset -c "$SERVER_CPU" node "$PKG/servers.js" "$which" --port 0 2> "$logf" &
