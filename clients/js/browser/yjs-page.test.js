@@ -6,11 +6,10 @@
 // page gets came through the relay.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { build } from "esbuild";
-import { launchBrowser, startRelay } from "./support.js";
+import { launchBrowser, startRelay, jwt } from "./support.js";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -191,12 +190,6 @@ test("awareness reaches the other page, and the relay removes it when the page's
   assert.deepEqual(states, [{ user: { name: "Bob" } }]);
   assert.deepEqual(bob.errors, []);
 });
-
-function jwt(secret, claims) {
-  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
-  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
-}
 
 test("jwt mode: a page's provider is closed with 4001 for a bad token and 4003 for other documents", async () => {
   const secret = "page-secret";

@@ -5,8 +5,7 @@ import assert from "node:assert/strict";
 import * as Y from "yjs";
 import { WebsocketProvider } from "y-websocket";
 import WebSocket from "ws";
-import { createHmac } from "node:crypto";
-import { startRelay, waitFor, sleep, tempDir, cleanup } from "./support.js";
+import { startRelay, waitFor, sleep, tempDir, cleanup, jwt } from "./support.js";
 import { startRedis } from "../test-support/redis.js";
 
 const cleanups = [];
@@ -137,12 +136,6 @@ test("kill -9 and a restart keep the document; the providers reconnect and go on
   a.text.insert(0, "after\n");
   await waitFor(() => c.text.toString().startsWith("after\n") && b.text.toString() === c.text.toString(), 10000, "a's edit after the restart");
 });
-
-function jwt(secret, claims) {
-  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
-  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
-}
 
 test("a read-only token receives the document and awareness but cannot change the document", async () => {
   const secret = "node-yjs-secret";

@@ -1,5 +1,6 @@
 // Test helpers: start the real relay binary as a child process.
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { after } from "node:test";
 import { mkdtempSync, writeFileSync, existsSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -152,3 +153,10 @@ setTimeout(() => {
   process.stderr.write(`test file still running after ${WATCHDOG_MS} ms: failing it\n`);
   process.exit(1);
 }, WATCHDOG_MS).unref();
+
+/** An HS256 JWT of `claims`, signed with `secret` (for relays in `jwt` mode). */
+export function jwt(secret, claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}

@@ -1,9 +1,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
 import path from "node:path";
 import { DocRelayClient } from "../docrelay.js";
-import { startRelay, waitFor, sleep, tempDir, cleanup, metric, cleanups } from "../test-support/helpers.js";
+import { startRelay, waitFor, sleep, tempDir, cleanup, metric, cleanups, jwt } from "../test-support/helpers.js";
 
 const { track, relayTracked, onExit } = cleanups();
 
@@ -62,12 +61,6 @@ test("a restarted memory-only relay is a new epoch: `reset`, then the new histor
   for (const x of [a, b, c]) x.close();
   await relay.stop();
 });
-
-function jwt(secret, claims) {
-  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
-  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
-}
 
 test("an authentication failure closes the client without a reconnect loop", async () => {
   const secret = "s".repeat(40);
