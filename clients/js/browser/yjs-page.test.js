@@ -1,86 +1,16 @@
 // Yjs rooms (/yjs/{document}) with the real `yjs` and `y-websocket` running inside
-// Chromium pages, as an editor would: the libraries are bundled for the browser with
-// esbuild when the file runs, and injected into pages on the relay's own origin (its
-// /healthz, a plain page). Each page has a browser context of its own and its provider
-// has `disableBc: true`, so pages cannot sync over a BroadcastChannel: everything a
-// page gets came through the relay.
+// Chromium pages, as an editor would (yjs-support.js): convergence, a late page,
+// awareness, JWT failures.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
-import path from "node:path";
-import { build } from "esbuild";
 import { launchBrowser, startRelay, jwt } from "./support.js";
-
-const here = path.dirname(fileURLToPath(import.meta.url));
+import { WAIT, browser as sharedBrowser, yjsPage, synced } from "./yjs-support.js";
 
 const cleanups = [];
 after(async () => {
   for (const f of cleanups.reverse()) await f();
 });
-
-// Generous: the machine may be small and busy (a Rust build next door).
-const WAIT = { timeout: 20000 };
-
-/** `Y` and `WebsocketProvider` on `window`, bundled once per file run (an IIFE). */
-let bundled;
-function bundle() {
-  bundled ??= build({
-    stdin: {
-      contents: 'import * as Y from "yjs";\nimport { WebsocketProvider } from "y-websocket";\nObject.assign(window, { Y, WebsocketProvider });\n',
-      resolveDir: here,
-      sourcefile: "yjs-entry.js",
-    },
-    bundle: true,
-    format: "iife",
-    platform: "browser",
-    target: "es2020",
-    write: false,
-    logLevel: "silent",
-  }).then((r) => r.outputFiles[0].text);
-  return bundled;
-}
-
-let sharedBrowser;
-/** One Chromium for the file (its pages each get a context of their own). */
-async function browser() {
-  if (!sharedBrowser) {
-    sharedBrowser = launchBrowser();
-    cleanups.push(async () => (await sharedBrowser).close());
-  }
-  return sharedBrowser;
-}
-
-/**
- * A page in a fresh context of `b`, on the relay's origin, with a Y.Doc and a
- * WebsocketProvider for `room` (token as `?token=`). Records on window: statuses,
- * closes (close codes of the provider's connections), removals (awareness removals:
- * {id, fromRelay}, fromRelay when they came in through the provider). `errors` (on the
- * returned object) collects uncaught page errors.
- */
-async function yjsPage(b, relay, { room, token }) {
-  const context = await b.newContext();
-  const page = await context.newPage();
-  const errors = [];
-  page.on("pageerror", (e) => errors.push(e.message));
-  await page.goto(`${relay.http}/healthz`);
-  await page.addScriptTag({ content: await bundle() });
-  await page.evaluate(
-    ({ room, token }) => {
-      const doc = new Y.Doc();
-      const provider = new WebsocketProvider(`ws://${location.host}/yjs`, room, doc, { disableBc: true, params: { token } });
-      Object.assign(window, { doc, provider, text: doc.getText("t"), statuses: [], closes: [], removals: [] });
-      provider.on("status", ({ status }) => window.statuses.push(status));
-      provider.on("connection-close", (ev) => window.closes.push(ev ? ev.code : null));
-      provider.awareness.on("change", ({ removed }, origin) => {
-        for (const id of removed) window.removals.push({ id, fromRelay: origin === provider, origin: typeof origin === "string" ? origin : null });
-      });
-    },
-    { room, token },
-  );
-  return { page, context, errors };
-}
-
-const synced = (p) => p.waitForFunction(() => window.provider.synced, null, WAIT);
+const browser = () => sharedBrowser(cleanups);
 
 test("pages type concurrently into one Y.Text and converge; a late page gets everything and edits live", async (t) => {
   const relay = await startRelay();
