@@ -603,6 +603,10 @@ pub(super) fn cluster_loaded(shard: &Shard, id: &str, result: Result<Loaded, Str
     if skipped > 0 {
         tracing::warn!(room = id, skipped, "yjs: updates of the room in Redis that do not apply were skipped");
     }
+    // A reload that finds another epoch: the room's history in Redis started
+    // again; the room here hands its state over to it first, as on a reset
+    // (but the new room is followed).
+    hand_over(shard, id, l.epoch);
     let room = match shard.existing_room(id).filter(|r| r.hub.epoch == l.epoch) {
         Some(room) => {
             let state = doc.transact().encode_state_as_update_v1(&StateVector::default());
@@ -666,22 +670,27 @@ pub(super) fn cluster_gap(shard: &Shard, id: &str, epoch: Epoch, to: u64) {
 /// its whole state to the new history, as one update, and its clients are
 /// closed (1001) so that they reconnect and sync both ways again.
 pub(super) fn cluster_reset(shard: &Shard, id: &str, epoch: Epoch) {
-    let Some(room) = shard.existing_room(id).filter(|r| r.hub.epoch != epoch) else { return };
-    let Some(cluster) = &shard.cluster else { return };
+    if let (Some(cluster), Some(room)) = (&shard.cluster, hand_over(shard, id, epoch)) {
+        cluster.send(Request::Unfollow { document: room.key.clone() });
+    }
+}
+
+/// A room of another epoch than `epoch` hands its state to that history
+/// and is gone (its clients closed with 1001); returns it.
+fn hand_over(shard: &Shard, id: &str, epoch: Epoch) -> Option<Rc<Room>> {
+    let room = shard.existing_room(id).filter(|r| r.hub.epoch != epoch)?;
+    let cluster = shard.cluster.as_ref()?;
     let state = room.doc.transact().encode_state_as_update_v1(&StateVector::default());
-    let suffix = Message::Sync(SyncMessage::Update(state)).encode_v1().into();
-    let document = room.key.clone();
     cluster.send(Request::Append {
-        document: document.clone(),
+        document: room.key.clone(),
         epoch,
         origin: 0,
-        suffix,
+        suffix: Message::Sync(SyncMessage::Update(state)).encode_v1().into(),
         core: shard.index,
         session: 0,
         client_op_id: None,
     });
     shard.rooms.borrow_mut().remove(id);
-    cluster.send(Request::Unfollow { document });
     tracing::warn!(room = id, %epoch, "yjs: the room's history in Redis started again; its clients reconnect");
     for session in shard.all_sessions() {
         let here = session.sub.borrow().as_ref().is_some_and(|s| Rc::ptr_eq(&s.hub, &room.hub));
@@ -689,6 +698,7 @@ pub(super) fn cluster_reset(shard: &Shard, id: &str, epoch: Epoch) {
             session.begin_close(shard, crate::close::GOING_AWAY, "the room's history started again; reconnect");
         }
     }
+    Some(room)
 }
 
 /// Awareness from a session of another node: kept (that session is the
