@@ -7,6 +7,8 @@
 #   scripts/bench.sh --scenarios fanout  only some: fanout,rooms,storm,idle,durable
 #   scripts/bench.sh --runs 1 --quick    shorter windows, for a smoke test
 #   scripts/bench.sh --scenarios durable the cost of durable storage (docrelay only)
+#   DURABLE_SHAPES=fanout DURABLE_MODES="memory batch" scripts/bench.sh --scenarios durable
+#                                        a subset of its shapes and modes
 #   scripts/bench.sh --scenarios cluster one node in memory, one on Redis, two on Redis
 #
 # Options:
@@ -415,6 +417,20 @@ durable_config() { # mode
     echo "$DURABLE_TMP/docrelay.toml"
 }
 
+# Waits (at most 120 s) until the share of time tasks stalled on I/O over
+# the last 10 s (/proc/pressure/io, "some avg10") is under 1%; without PSI,
+# 5 s.
+wait_for_quiet_disk() {
+    if [ ! -r /proc/pressure/io ]; then sleep 5; return; fi
+    local i stalled
+    for i in $(seq 120); do
+        stalled=$(awk '/^some/ { sub("avg10=", "", $2); print int($2) }' /proc/pressure/io)
+        [ "${stalled:-0}" -lt 1 ] && { [ "$i" -gt 1 ] && log "durable: disk quiet after ${i} s"; return; }
+        sleep 1
+    done
+    log "durable: the disk is still busy after 120 s (I/O stalls ${stalled}% over 10 s); going on"
+}
+
 # One find-max of (shape, mode) from a starting rate on a fresh relay (and a
 # fresh storage directory). Returns 1 if the relay did not start (the reason
 # is then in SERVER_ERROR), 0 otherwise.
@@ -438,15 +454,15 @@ durable_attempt() { # shape mode run rate json
     stop_server
     if [ -n "$DURABLE_TMP" ]; then
         # Deleting a run's segments (up to gigabytes after a fast mode) makes
-        # the file system free their extents in its journal over the next
-        # seconds, and every fdatasync waits for that: measured, the next
-        # mode's ack p99 was 25-84 ms at 250 ops/s, against 1.3 ms on a
-        # quiet disk. The deletion is committed (syncfs) and the disk given
-        # a moment before the next relay starts.
+        # the file system free their extents (and, mounted with `discard`,
+        # trim them) over the next seconds, and every fdatasync waits for
+        # that: measured, the next mode's ack p99 was 25-121 ms at 250 ops/s,
+        # against 1.3 ms on a quiet disk. The deletion is committed (syncfs)
+        # and the next relay waits until the disk is quiet again.
         rm -rf "$DURABLE_TMP"
         DURABLE_TMP=
         sync -f "$OUT" 2>/dev/null || sync
-        sleep 2
+        wait_for_quiet_disk
     fi
     return 0
 }
