@@ -94,7 +94,7 @@ impl Room {
     /// the last seq assigned, which it covers): the updates up to it are
     /// dead from then on. A refusal leaves the room dirty, to try again.
     fn merge(&self, shard: &Shard) {
-        let state = self.doc.transact().encode_state_as_update_v1(&StateVector::default());
+        let state = self.state();
         match shard.store.append(&self.key, self.hub.epoch, RecordKind::Snapshot, self.hub.assigned(), &state) {
             Ok(ticket) => {
                 self.hub.last_ticket.set(ticket);
@@ -125,6 +125,53 @@ impl Room {
         if n + 1 >= after || b + bytes > self.merged_bytes.get().max(1 << 20) {
             self.merge(shard);
         }
+    }
+
+    /// The whole document as one update (a diff against nothing).
+    fn state(&self) -> Vec<u8> {
+        self.doc.transact().encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// Keeps the awareness states of `update`; a client id belongs to the
+    /// connection that announced it first (`announcer`): providers pass on
+    /// the states they hear of, and those echoes must not make another
+    /// connection its owner.
+    fn note_awareness(&self, update: &AwarenessUpdate, announcer: u64) {
+        let mut states = self.awareness.borrow_mut();
+        for (&client, entry) in &update.clients {
+            if &*entry.json == "null" {
+                states.remove(&client);
+            } else {
+                let owner = states.get(&client).map_or(announcer, |s| s.2);
+                states.insert(client, (entry.clock, entry.json.clone(), owner));
+            }
+        }
+    }
+
+    /// Passes an awareness message of connection `from` on to this room's
+    /// clients, and in cluster mode to the other relays.
+    fn publish_awareness(&self, shard: &Shard, from: u64, f: SharedFrame) {
+        if let Some(cluster) = &shard.cluster {
+            let document = self.key.clone();
+            cluster.send(Request::Cursor { document, connection_id: from, frame: f.payload().into() });
+        }
+        self.hub.publish_presence(from, f);
+    }
+
+    /// Cluster mode: sends the room's whole state to its history in Redis
+    /// of `epoch` as one update (an update that changes nothing a relay
+    /// has); `session` hears of a refusal.
+    fn append_state(&self, shard: &Shard, epoch: Epoch, session: u64) {
+        let Some(cluster) = &shard.cluster else { return };
+        cluster.send(Request::Append {
+            document: self.key.clone(),
+            epoch,
+            origin: 0,
+            suffix: Message::Sync(SyncMessage::Update(self.state())).encode_v1().into(),
+            core: shard.index,
+            session,
+            client_op_id: None,
+        });
     }
 
     /// Every awareness state held, as one message (None: there are none).
@@ -224,8 +271,7 @@ async fn read_room(shard: &Shard, id: &str) -> Result<Room, StoreError> {
     let doc = Doc::new();
     let mut skipped = 0;
     let mut apply_stored = |bytes: &[u8]| {
-        let ok = Update::decode_v1(bytes).is_ok_and(|u| doc.transact_mut().apply_update(u).is_ok());
-        if !ok {
+        if !apply_state(&doc, bytes) {
             skipped += 1;
         }
     };
@@ -320,28 +366,9 @@ pub(super) fn handle(shard: &Shard, session: &Session, data: &[u8]) {
                 store_and_pass_on(shard, session, &room, update);
             }
             Message::Awareness(update) => {
-                {
-                    let mut states = room.awareness.borrow_mut();
-                    for (&client, entry) in &update.clients {
-                        if &*entry.json == "null" {
-                            states.remove(&client);
-                        } else {
-                            // A client id belongs to the connection that
-                            // announced it first: providers pass on the
-                            // states they hear of, and those echoes must not
-                            // make another connection its owner.
-                            let owner = states.get(&client).map_or(session.info.id, |s| s.2);
-                            states.insert(client, (entry.clock, entry.json.clone(), owner));
-                        }
-                    }
-                }
+                room.note_awareness(&update, session.info.id);
                 shard.stats().broadcasts.add(1);
-                let f = frame(&Message::Awareness(update));
-                if let Some(cluster) = &shard.cluster {
-                    let (document, connection_id) = (room.key.clone(), session.info.id);
-                    cluster.send(Request::Cursor { document, connection_id, frame: f.payload().into() });
-                }
-                room.hub.publish_presence(session.info.id, f);
+                room.publish_awareness(shard, session.info.id, frame(&Message::Awareness(update)));
             }
             Message::AwarenessQuery => {
                 if let Some(states) = room.awareness_states() {
@@ -408,7 +435,7 @@ fn apply(room: &Room, update: &[u8], max_bytes: usize) -> Result<bool, String> {
     }
     if room.size_bound.get() + update.len() > max_bytes {
         // The bound may overstate: measure the document as it is.
-        let now = room.doc.transact().encode_state_as_update_v1(&StateVector::default()).len();
+        let now = room.state().len();
         room.size_bound.set(now);
         if now + update.len() > max_bytes {
             return Err(format!(
@@ -448,12 +475,7 @@ pub(super) fn leave(shard: &Shard, session: &Session) {
     };
     tracing::debug!(id = session.info.id, awareness_removed = gone.len(), "yjs: left the room");
     if !gone.is_empty() {
-        let f = frame(&Message::Awareness(AwarenessUpdate { clients: gone }));
-        if let Some(cluster) = &shard.cluster {
-            let (document, connection_id) = (room.key.clone(), session.info.id);
-            cluster.send(Request::Cursor { document, connection_id, frame: f.payload().into() });
-        }
-        room.hub.publish_presence(session.info.id, f);
+        room.publish_awareness(shard, session.info.id, frame(&Message::Awareness(AwarenessUpdate { clients: gone })));
     }
 }
 
@@ -529,7 +551,7 @@ fn apply_message(doc: &Doc, message: &[u8]) -> bool {
     for m in MessageReader::new(&mut decoder) {
         match m {
             Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u))) => {
-                ok &= Update::decode_v1(&u).is_ok_and(|u| doc.transact_mut().apply_update(u).is_ok());
+                ok &= apply_state(doc, &u);
             }
             Ok(_) => {}
             Err(_) => return false,
@@ -538,6 +560,8 @@ fn apply_message(doc: &Doc, message: &[u8]) -> bool {
     ok
 }
 
+/// Decodes and applies one Yjs update (a merged state too); false if it
+/// does not decode or apply.
 fn apply_state(doc: &Doc, state: &[u8]) -> bool {
     Update::decode_v1(state).is_ok_and(|u| doc.transact_mut().apply_update(u).is_ok())
 }
@@ -556,8 +580,7 @@ fn merge_in(room: &Room, change: impl FnOnce(&Doc)) {
 
 fn base64_state(room: &Room) -> Box<str> {
     use base64::Engine;
-    let state = room.doc.transact().encode_state_as_update_v1(&StateVector::default());
-    base64::engine::general_purpose::STANDARD.encode(state).into()
+    base64::engine::general_purpose::STANDARD.encode(room.state()).into()
 }
 
 fn unbase64(text: &str) -> Option<Vec<u8>> {
@@ -678,18 +701,8 @@ pub(super) fn cluster_reset(shard: &Shard, id: &str, epoch: Epoch) {
 /// A room of another epoch than `epoch` hands its state to that history
 /// and is gone (its clients closed with 1001); returns it.
 fn hand_over(shard: &Shard, id: &str, epoch: Epoch) -> Option<Rc<Room>> {
-    let room = shard.existing_room(id).filter(|r| r.hub.epoch != epoch)?;
-    let cluster = shard.cluster.as_ref()?;
-    let state = room.doc.transact().encode_state_as_update_v1(&StateVector::default());
-    cluster.send(Request::Append {
-        document: room.key.clone(),
-        epoch,
-        origin: 0,
-        suffix: Message::Sync(SyncMessage::Update(state)).encode_v1().into(),
-        core: shard.index,
-        session: 0,
-        client_op_id: None,
-    });
+    let room = shard.existing_room(id).filter(|r| r.hub.epoch != epoch && shard.cluster.is_some())?;
+    room.append_state(shard, epoch, 0);
     shard.rooms.borrow_mut().remove(id);
     tracing::warn!(room = id, %epoch, "yjs: the room's history in Redis started again; its clients reconnect");
     for session in shard.all_sessions() {
@@ -707,17 +720,7 @@ pub(super) fn cluster_awareness(shard: &Shard, id: &str, origin: u64, message: &
     let Some(room) = shard.existing_room(id) else { return };
     let mut decoder = DecoderV1::from(message);
     let Some(Ok(Message::Awareness(update))) = MessageReader::new(&mut decoder).next() else { return };
-    {
-        let mut states = room.awareness.borrow_mut();
-        for (&client, entry) in &update.clients {
-            if &*entry.json == "null" {
-                states.remove(&client);
-            } else {
-                let owner = states.get(&client).map_or(origin, |s| s.2);
-                states.insert(client, (entry.clock, entry.json.clone(), owner));
-            }
-        }
-    }
+    room.note_awareness(&update, origin);
     shard.stats().broadcasts.add(1);
     room.hub.publish_presence(origin, Rc::new(OutFrame::new(Kind::Binary, message)));
 }
@@ -746,17 +749,6 @@ pub(super) fn cluster_refused(shard: &Shard, session: &Session, why: &str) {
 
 /// Sends the room's whole state as one update, after a refusal.
 fn resend_state(shard: &Shard, room: &Room) {
-    let Some(cluster) = &shard.cluster else { return };
     room.dirty.set(false);
-    let state = room.doc.transact().encode_state_as_update_v1(&StateVector::default());
-    let session = room.last_refused.get();
-    cluster.send(Request::Append {
-        document: room.key.clone(),
-        epoch: room.hub.epoch,
-        origin: 0,
-        suffix: Message::Sync(SyncMessage::Update(state)).encode_v1().into(),
-        core: shard.index,
-        session,
-        client_op_id: None,
-    });
+    room.append_state(shard, room.hub.epoch, room.last_refused.get());
 }
