@@ -35,29 +35,28 @@ impl Shard {
     /// An event of a Yjs room (its key names it) goes to the room
     /// (`session/yjs.rs`); any other is given back.
     fn on_room_event(&self, event: Event) -> Option<Event> {
-        let room = |key: &str| yjs_room_of(key).map(str::to_string);
         match event {
             Event::Loaded { document, result } if is_merged(&document) => {
-                yjs::cluster_loaded(self, &room(&document)?, result)
+                yjs::cluster_loaded(self, yjs_room_of(&document)?, result)
             }
             Event::Op { document, epoch, seq, origin, frame } if is_merged(&document) => {
-                yjs::cluster_update(self, &room(&document)?, epoch, seq, origin, frame)
+                yjs::cluster_update(self, yjs_room_of(&document)?, epoch, seq, origin, frame)
             }
             Event::Gap { document, epoch, to } if is_merged(&document) => {
-                yjs::cluster_gap(self, &room(&document)?, epoch, to)
+                yjs::cluster_gap(self, yjs_room_of(&document)?, epoch, to)
             }
             Event::Reset { document, epoch } if is_merged(&document) => {
-                yjs::cluster_reset(self, &room(&document)?, epoch)
+                yjs::cluster_reset(self, yjs_room_of(&document)?, epoch)
             }
             Event::Presence { document, origin, change } if is_merged(&document) => {
                 // Rooms have no members; awareness is their presence.
                 if let Presence::Cursor(message) = change {
-                    yjs::cluster_awareness(self, &room(&document)?, origin, &message);
+                    yjs::cluster_awareness(self, yjs_room_of(&document)?, origin, &message);
                 }
             }
             Event::Members { document, .. } if is_merged(&document) => {}
             Event::Snapshot { document, epoch, state, .. } if is_merged(&document) => {
-                yjs::cluster_merged_state(self, &room(&document)?, epoch, &state)
+                yjs::cluster_merged_state(self, yjs_room_of(&document)?, epoch, &state)
             }
             Event::Appended { session, result, .. } if self.yjs_session(session) => {
                 if let (Some(session), Err(r)) = (self.session(session), result) {
