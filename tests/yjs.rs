@@ -304,8 +304,17 @@ fn a_room_survives_kill_9_merged_into_one_state_and_on_another_core_count() {
     b.updates(500);
     assert_eq!(b.text(), a.text());
     assert_eq!(b.text().len(), 50_000);
-    let reclaimed = (0..300).any(|_| {
+    // Compaction runs while the core writes (docs/storage.md, section 8). On
+    // a busy disk one group commit can take hundreds of the updates, and the
+    // segment that holds it is the one being written, reclaimed only after
+    // the next writes: after 2 s, one more character every 100 ms.
+    let mut nudges = 0;
+    let reclaimed = (0..300).any(|i| {
         std::thread::sleep(Duration::from_millis(100));
+        if i >= 20 && dir_bytes(&data) >= 400_000 {
+            a.insert(0, ".");
+            nudges += 1;
+        }
         dir_bytes(&data) < 400_000
     });
     assert!(reclaimed, "the log holds {} bytes: the room's updates were not merged and reclaimed", dir_bytes(&data));
@@ -328,7 +337,7 @@ fn a_room_survives_kill_9_merged_into_one_state_and_on_another_core_count() {
     relay.kill();
     let relay = Proc::serve(&config, "0,1");
     let e = Peer::join(relay.addr, "novel", "eve");
-    assert!(e.text().starts_with("title\n") && e.text().len() == 50_006, "{:?}", &e.text()[..20]);
+    assert!(e.text().starts_with("title\n") && e.text().len() == 50_006 + nudges, "{:?}", &e.text()[..20]);
     // And the same id on /ws/documents/ is another document.
     let mut ws = connect(relay.addr, "/ws/documents/novel");
     let authed = request(&mut ws, r#"{"type":"authenticate","token":"t"}"#);
