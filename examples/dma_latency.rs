@@ -1,6 +1,9 @@
-//! Latency of one 4 KiB write + fdatasync through glommio, as the log does
-//! it (DMA, DMA into a preallocated file, buffered), on the file system of
-//! the current directory:
+//! Latency of one 4 KiB write + sync through glommio, on the file system of
+//! the current directory, in six ways: DMA appending (`dma`; `-dsync`: the
+//! file opened with `O_DSYNC` instead of an `fdatasync` after each write),
+//! DMA into a file made with `fallocate`, DMA into a file written full of
+//! zeros and synced beforehand (`dma-zeroed`, `dma-zeroed-dsync`: how the
+//! log writes with `storage.preallocate`), and buffered:
 //!
 //!     cargo run --release --example dma_latency [-- WRITES [churn]]
 //!
@@ -31,7 +34,7 @@ fn main() {
     LocalExecutorBuilder::new(Placement::Fixed(0))
         .io_memory(64 << 10)
         .spawn(move || async move {
-            for kind in ["dma", "dma-fallocate", "dma-zeroed", "buffered"] {
+            for kind in ["dma", "dma-dsync", "dma-fallocate", "dma-zeroed", "dma-zeroed-dsync", "buffered"] {
                 let path = format!("docrelay-latency-{kind}.tmp");
                 let _ = std::fs::remove_file(&path);
                 let mut ts = Vec::with_capacity(n);
@@ -44,16 +47,34 @@ fn main() {
                         ts.push(t.elapsed());
                     }
                 } else {
-                    let f: DmaFile = OpenOptions::new().write(true).create_new(true).dma_open(&path).await.unwrap();
+                    let dsync = kind.ends_with("-dsync");
+                    let mut o = OpenOptions::new();
+                    o.write(true).create_new(true);
+                    if dsync {
+                        o.custom_flags(libc::O_DSYNC);
+                    }
+                    let f: DmaFile = o.dma_open(&path).await.unwrap();
                     if kind == "dma-fallocate" {
                         f.pre_allocate(64 << 20, false).await.unwrap();
+                    }
+                    if kind.starts_with("dma-zeroed") {
+                        // Every block written once and synced: later writes
+                        // overwrite allocated, initialised blocks.
+                        for at in (0..(n * 4096) as u64).step_by(1 << 20) {
+                            let mut b = f.alloc_dma_buffer(1 << 20);
+                            b.as_bytes_mut().fill(0);
+                            f.write_at(b, at).await.unwrap();
+                        }
+                        f.fdatasync().await.unwrap();
                     }
                     for i in 0..n {
                         let mut b = f.alloc_dma_buffer(4096);
                         b.as_bytes_mut().fill(b'x');
                         let t = Instant::now();
                         f.write_at(b, (i * 4096) as u64).await.unwrap();
-                        f.fdatasync().await.unwrap();
+                        if !dsync {
+                            f.fdatasync().await.unwrap();
+                        }
                         ts.push(t.elapsed());
                     }
                 }
