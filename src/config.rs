@@ -114,16 +114,21 @@ max_connections_per_ip = 0
 # one relay per directory (it holds dir/LOCK).
 dir = ""
 # When an operation counts as stored, and is acknowledged and broadcast:
-# "always" = after its own write and fdatasync (operations arriving during a
+# "always" = after its own write, synced (operations arriving during a
 # sync share the next one); "batch" = after a group commit that waits up to
-# batch_ms to gather records under one fdatasync; "never" = at once, written
-# within batch_ms without fdatasync (README, "Durability": what a crash loses).
+# batch_ms to gather records under one sync; "never" = at once, written
+# within batch_ms without a sync (README, "Durability": what a crash loses).
 fsync = "batch"
 # Longest a record waits for its group commit (0..=1000).
 batch_ms = 2
 # A log segment is closed and a new one started at about this size; segments
 # without live records are deleted (65536..=4294967296).
 segment_bytes = 67108864
+# Make each core's next segment ahead of need, full of zeros (synced), so that
+# the log's writes overwrite allocated blocks and their syncs flush only data:
+# faster syncs, and a core's disk use includes up to two whole segments
+# (the current one and the next). false = segments grow as they are written.
+preallocate = true
 
 [http]
 # Serve the JavaScript client at GET /docrelay.js and a live demo board at
@@ -411,6 +416,7 @@ pub struct Storage {
     pub fsync: Fsync,
     pub batch_ms: u64,
     pub segment_bytes: u64,
+    pub preallocate: bool,
 }
 
 /// Cluster mode on Redis (`docs/cluster.md`).
@@ -574,7 +580,7 @@ impl Default for Auth {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { dir: String::new(), fsync: Fsync::Batch, batch_ms: 2, segment_bytes: 64 << 20 }
+        Storage { dir: String::new(), fsync: Fsync::Batch, batch_ms: 2, segment_bytes: 64 << 20, preallocate: true }
     }
 }
 

@@ -473,10 +473,12 @@ fn segments(dir: &Path) -> Vec<(u32, u64, PathBuf)> {
     out
 }
 
-/// The newest segment of `core` (the highest `n`).
+/// The newest segment of `core` with records (the highest `n` whose header
+/// was written: a segment prepared ahead of need is empty or all zeros).
 fn newest_segment(dir: &Path, core: u32) -> PathBuf {
     let segs = segments(dir);
-    let newest = segs.iter().filter(|s| s.0 == core).max_by_key(|s| s.1);
+    let written = |p: &Path| std::fs::read(p).unwrap().first().is_some_and(|&b| b != 0);
+    let newest = segs.iter().filter(|s| s.0 == core && written(&s.2)).max_by_key(|s| s.1);
     newest.unwrap_or_else(|| panic!("no segment of core {core} in {segs:?}")).2.clone()
 }
 
@@ -1152,6 +1154,90 @@ fn documents_that_stop_changing_do_not_pin_old_segments() {
     let mut c = proc.client("busy", "reader");
     assert_eq!(c.join()["seq"], seq);
     proc.assert_no_panic();
+}
+
+/// With `storage.preallocate` (the default) each segment is made ahead of
+/// need full of zeros, so the log's writes land in blocks already allocated;
+/// recovery deletes a prepared segment never written, and gives back the
+/// zeros after the last write of the others; a clean stop deletes the
+/// unused one. Without it, segments grow as they are written.
+#[test]
+fn segments_are_made_ahead_full_of_zeros_and_the_zeros_are_given_back() {
+    const SEGMENT: u64 = 65_536;
+    const BLOCK: u64 = 4096;
+    let zeros = |b: &[u8]| b.iter().all(|&x| x == 0);
+    let unwritten = |path: &Path| zeros(&std::fs::read(path).unwrap());
+    // Where a segment's last write ends (writes are whole blocks).
+    let written_end = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        bytes.iter().rposition(|&b| b != 0).map_or(0, |i| (i as u64 + 1).div_ceil(BLOCK) * BLOCK)
+    };
+    for preallocate in [true, false] {
+        let what = format!("preallocate = {preallocate}");
+        let tmp = TempDir::new(&format!("prealloc-{preallocate}"));
+        let (config, data) = durable_config(&tmp, &format!("fsync = \"batch\"\nsegment_bytes = {SEGMENT}\n{what}"), "");
+        let doc = "prealloc";
+        let payload = |seq: u64| sized_payload(&format!("p-{seq}"), 1000);
+        let made_len = if preallocate { SEGMENT } else { 0 };
+        // A segment made ahead and not yet written, numbered after `after`.
+        let made_ahead = |after: u64| {
+            segments(&data)
+                .into_iter()
+                .find(|s| s.1 > after && std::fs::metadata(&s.2).unwrap().len() == made_len && unwritten(&s.2))
+        };
+
+        let mut proc = Proc::serve(&config, "0");
+        assert!(poll(PATIENCE, || made_ahead(0).is_some()), "{what}: none made at start:\n{}", listing(&data));
+        let mut c = proc.client(doc, "writer");
+        assert_eq!(c.join()["seq"], 0);
+        // Operations acked one by one (one write each) until one segment
+        // made ahead is past its half, and the next one is made. (A roll
+        // that finds the next segment still being made makes one itself:
+        // that one grows as it is written, and the search goes on.)
+        let mut seq = 0;
+        let (first, end, next) = loop {
+            seq += 1;
+            assert!(seq <= 300, "{what}: no segment made ahead was written past its half:\n{}", listing(&data));
+            assert_eq!(c.ack(&payload(seq), &format!("op-{seq}")), seq);
+            let (_, n, path) = segments(&data).into_iter().rfind(|s| !unwritten(&s.2)).expect("a written segment");
+            let (len, end) = (std::fs::metadata(&path).unwrap().len(), written_end(&path));
+            if !preallocate {
+                assert_eq!(len, end, "{what}: the segment grows by its writes");
+            }
+            if len != made_len.max(end) || end <= SEGMENT / 2 {
+                continue;
+            }
+            if let Some(next) = made_ahead(n) {
+                break (path, end, next.2);
+            }
+        };
+        proc.kill();
+        drop(c);
+
+        let mut proc = Proc::serve(&config, "0");
+        let mut c = proc.client(doc, "reader");
+        let (joined, text) = c.join_since(0);
+        assert_eq!(joined["seq"], seq, "{what}");
+        assert_ops(&parse_sync(&text).ops, 1, seq, payload, &what);
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().len(),
+            end,
+            "{what}: the zeros after the last write are given back:\n{}",
+            listing(&data)
+        );
+        assert!(!next.exists(), "{what}: the segment made ahead and never written is deleted:\n{}", listing(&data));
+        let names = listing(&data);
+        assert!(!names.contains("damaged"), "{what}: nothing is set aside:\n{names}");
+        let warned: Vec<String> = proc.warnings().into_iter().filter(|l| l.contains("segment")).collect();
+        assert!(warned.is_empty(), "{what}: recovery found nothing wrong: {warned:?}");
+        assert_eq!(c.ack(&payload(seq + 1), "after"), seq + 1, "{what}");
+        drop(c);
+        proc.term_and_wait();
+        // A clean stop leaves no segment made ahead behind.
+        let left: Vec<PathBuf> = segments(&data).into_iter().map(|s| s.2).filter(|p| unwritten(p)).collect();
+        assert!(left.is_empty(), "{what}: unwritten segments left after a clean stop: {left:?}\n{}", listing(&data));
+        proc.assert_no_panic();
+    }
 }
 
 // ---------------------------------------------------------------------------

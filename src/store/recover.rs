@@ -103,9 +103,10 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
         match record::check_header(&bytes) {
             Ok(named) if named == *n => {}
             // A segment created but never written (a crash right after the
-            // roll) has no header yet: nothing of it was stored, and it is
+            // roll, or a segment prepared ahead of need, empty or full of
+            // zeros) has no header yet: nothing of it was stored, and it is
             // deleted below as a segment without live records.
-            Err(_) if bytes.is_empty() => continue,
+            Err(_) if bytes.iter().all(|&b| b == 0) => continue,
             other => {
                 // Not ours to interpret: set aside, never deleted.
                 let why = match other {
@@ -121,9 +122,12 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
             }
         }
         let mut valid_end = bytes.len() as u64;
+        // The end of the last record, or where scanning resumed after damage.
+        let mut data_end = HEADER_BYTES;
         for item in record::Scanner::new(&bytes) {
             match item {
                 Scanned::Record { at, len, record } => {
+                    data_end = at + len as u64;
                     report.records += 1;
                     index.segments.get_mut(n).expect("listed").records += 1;
                     let loc = Loc { segment: *n, offset: at, len: len as u32 };
@@ -132,13 +136,16 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
                 Scanned::Damage { at, why, resumed } => {
                     report.damaged += 1;
                     match resumed {
-                        Some(r) => warn!(
-                            segment = %path.display(),
-                            offset = at,
-                            resumed_at = r,
-                            why,
-                            "damaged log record: skipped to the next intact write"
-                        ),
+                        Some(r) => {
+                            data_end = r;
+                            warn!(
+                                segment = %path.display(),
+                                offset = at,
+                                resumed_at = r,
+                                why,
+                                "damaged log record: skipped to the next intact write"
+                            )
+                        }
                         None => {
                             warn!(segment = %path.display(), offset = at, why, "damaged log tail: cutting the segment here");
                             valid_end = at;
@@ -147,6 +154,10 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
                 }
             }
         }
+        // What follows the last intact write is zeros (a segment prepared
+        // ahead of need) or cut as damage: either way it is given back, as
+        // the log never writes to a segment again after a restart.
+        valid_end = valid_end.min(record::align_up(data_end));
         if valid_end < bytes.len() as u64 {
             let f = OpenOptions::new().write(true).open(path).map_err(io)?;
             f.set_len(valid_end).and_then(|()| f.sync_data()).map_err(io)?;
