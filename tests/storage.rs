@@ -1156,8 +1156,8 @@ fn documents_that_stop_changing_do_not_pin_old_segments() {
     proc.assert_no_panic();
 }
 
-/// With `storage.preallocate` (the default) each segment is made ahead of
-/// need full of zeros, so the log's writes land in blocks already allocated;
+/// With `storage.preallocate` (the default) each segment after the first is
+/// made ahead of need full of zeros, so the log's writes land in blocks already allocated;
 /// recovery deletes a prepared segment never written, and gives back the
 /// zeros after the last write of the others; a clean stop deletes the
 /// unused one. Without it, segments grow as they are written.
@@ -1179,15 +1179,17 @@ fn segments_are_made_ahead_full_of_zeros_and_the_zeros_are_given_back() {
         let doc = "prealloc";
         let payload = |seq: u64| sized_payload(&format!("p-{seq}"), 1000);
         let made_len = if preallocate { SEGMENT } else { 0 };
-        // A segment made ahead and not yet written, numbered after `after`.
-        let made_ahead = |after: u64| {
+        // A segment made ahead of `len` bytes, not yet written, numbered
+        // after `after`.
+        let made_ahead = |after: u64, len: u64| {
             segments(&data)
                 .into_iter()
-                .find(|s| s.1 > after && std::fs::metadata(&s.2).unwrap().len() == made_len && unwritten(&s.2))
+                .find(|s| s.1 > after && std::fs::metadata(&s.2).unwrap().len() == len && unwritten(&s.2))
         };
 
         let mut proc = Proc::serve(&config, "0");
-        assert!(poll(PATIENCE, || made_ahead(0).is_some()), "{what}: none made at start:\n{}", listing(&data));
+        // The first one, made at start, is empty: an idle core zeroes nothing.
+        assert!(poll(PATIENCE, || made_ahead(0, 0).is_some()), "{what}: none made at start:\n{}", listing(&data));
         let mut c = proc.client(doc, "writer");
         assert_eq!(c.join()["seq"], 0);
         // Operations acked one by one (one write each) until one segment
@@ -1207,7 +1209,7 @@ fn segments_are_made_ahead_full_of_zeros_and_the_zeros_are_given_back() {
             if len != made_len.max(end) || end <= SEGMENT / 2 {
                 continue;
             }
-            if let Some(next) = made_ahead(n) {
+            if let Some(next) = made_ahead(n, made_len) {
                 break (path, end, next.2);
             }
         };

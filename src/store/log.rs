@@ -456,7 +456,7 @@ impl LogStore {
     }
 
     /// Makes the next segment in the background once the current one is half
-    /// full (or none exists), so that a roll never waits for file creation
+    /// full (or none exists: then without zeros), so that a roll never waits for file creation
     /// and the directory sync. A failure here is only logged: the roll then
     /// creates the segment itself, and reports the error if it fails again.
     fn prepare_next(self: &Rc<Self>) {
@@ -474,7 +474,11 @@ impl LogStore {
         let first = self.next_segment.fetch_add(2, Ordering::Relaxed);
         self.reserved.set(Some(first));
         let task = glommio::spawn_local(async move {
-            match me.create_segment(first + 1, me.preallocate).await {
+            // The first segment, made at start, is an empty file: a core
+            // that never writes zeroes nothing, and a relay with many cores
+            // does not write a segment's size per core at every start.
+            let zeroed = me.preallocate && me.head.borrow().is_some();
+            match me.create_segment(first + 1, zeroed).await {
                 Ok(p) => *me.prepared.borrow_mut() = Some(p),
                 Err(e) if me.closing.get() => debug!(core = me.core, error = %e, "next log segment not made: closing"),
                 Err(e) => {
