@@ -125,10 +125,10 @@ batch_ms = 2
 # without live records are deleted (65536..=4294967296).
 segment_bytes = 67108864
 # Make each core's next segment ahead of need (from its second since start)
-# full of zeros (synced), so that
-# the log's writes overwrite allocated blocks and their syncs flush only data:
-# faster syncs, and a core's disk use includes up to two whole segments
-# (the current one and the next). false = segments grow as they are written.
+# full of zeros (synced), so that the log's writes overwrite allocated blocks
+# and their syncs flush only data: faster syncs, and a core's disk use includes
+# up to two whole segments (the current one and the next). false = segments
+# grow as they are written.
 preallocate = true
 
 [http]

@@ -394,11 +394,7 @@ impl LogStore {
             Err(e) => {
                 // Nothing was written to it: a half-zeroed file would only
                 // take space (a full disk is the likely cause).
-                if let Err(e) = glommio::io::remove(&path).await.map_err(std::io::Error::from) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        warn!(core = self.core, segment = %path.display(), error = %e, "could not delete a segment left unmade");
-                    }
-                }
+                self.remove_unwritten(n).await;
                 Err(e)
             }
         }
@@ -456,8 +452,8 @@ impl LogStore {
     }
 
     /// Makes the next segment in the background once the current one is half
-    /// full (or none exists: then without zeros), so that a roll never waits for file creation
-    /// and the directory sync. A failure here is only logged: the roll then
+    /// full (or none exists: then without zeros), so that a roll never waits
+    /// for file creation and the directory sync. A failure here is only logged: the roll then
     /// creates the segment itself, and reports the error if it fails again.
     fn prepare_next(self: &Rc<Self>) {
         let half_full = self.head.borrow().as_ref().is_none_or(|h| h.len >= self.segment_bytes / 2);
@@ -496,8 +492,17 @@ impl LogStore {
     /// Deletes a segment made ahead and never written.
     async fn discard_prepared(&self, n: u64, file: Rc<DmaFile>) {
         let _ = file.close_rc().await;
-        if let Err(e) = glommio::io::remove(self.dir.join(segment_name(self.core, n))).await {
-            warn!(core = self.core, segment = n, error = %e, "could not delete the unused prepared segment");
+        self.remove_unwritten(n).await;
+    }
+
+    /// Deletes the file of segment `n`, which holds no record (recovery
+    /// deletes it otherwise).
+    async fn remove_unwritten(&self, n: u64) {
+        let path = self.dir.join(segment_name(self.core, n));
+        if let Err(e) = glommio::io::remove(&path).await.map_err(std::io::Error::from) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(core = self.core, segment = %path.display(), error = %e, "could not delete an unwritten segment");
+            }
         }
     }
 

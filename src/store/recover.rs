@@ -122,7 +122,7 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
             }
         }
         let mut valid_end = bytes.len() as u64;
-        // The end of the last record, or where scanning resumed after damage.
+        // The end of the last intact record.
         let mut data_end = HEADER_BYTES;
         for item in record::Scanner::new(&bytes) {
             match item {
@@ -136,16 +136,13 @@ pub fn recover(dir: &Path, cores: usize, window: usize, segment_bytes: u64) -> R
                 Scanned::Damage { at, why, resumed } => {
                     report.damaged += 1;
                     match resumed {
-                        Some(r) => {
-                            data_end = r;
-                            warn!(
-                                segment = %path.display(),
-                                offset = at,
-                                resumed_at = r,
-                                why,
-                                "damaged log record: skipped to the next intact write"
-                            )
-                        }
+                        Some(r) => warn!(
+                            segment = %path.display(),
+                            offset = at,
+                            resumed_at = r,
+                            why,
+                            "damaged log record: skipped to the next intact write"
+                        ),
                         None => {
                             warn!(segment = %path.display(), offset = at, why, "damaged log tail: cutting the segment here");
                             valid_end = at;
